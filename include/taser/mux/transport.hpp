@@ -1,0 +1,60 @@
+// SPDX-License-Identifier: Apache-2.0
+// The byte stream under a session: TLS in production, plain TCP in unit tests.
+#pragma once
+
+#include <cstddef>
+#include <tuple>
+#include <utility>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/buffer.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/write.hpp>
+#include <boost/system/error_code.hpp>
+
+namespace taser::mux {
+
+namespace asio = boost::asio;
+using error_code = boost::system::error_code;
+
+// One read and one write may be in flight at once, as with an ssl::stream.
+class transport {
+public:
+    virtual ~transport() = default;
+    virtual asio::awaitable<std::tuple<error_code, std::size_t>> read_some(
+        asio::mutable_buffer b) = 0;
+    virtual asio::awaitable<std::tuple<error_code, std::size_t>> write_all(
+        asio::const_buffer b) = 0;
+    // Closes the socket at once; pending reads and writes complete with an error.
+    virtual void close() noexcept = 0;
+};
+
+template <class AsyncStream>
+class stream_transport final : public transport {
+public:
+    explicit stream_transport(AsyncStream s) : stream_(std::move(s)) {}
+
+    asio::awaitable<std::tuple<error_code, std::size_t>> read_some(
+        asio::mutable_buffer b) override {
+        co_return co_await stream_.async_read_some(b, asio::as_tuple(asio::use_awaitable));
+    }
+
+    asio::awaitable<std::tuple<error_code, std::size_t>> write_all(
+        asio::const_buffer b) override {
+        co_return co_await asio::async_write(stream_, b, asio::as_tuple(asio::use_awaitable));
+    }
+
+    void close() noexcept override {
+        error_code ignored;
+        stream_.lowest_layer().shutdown(asio::socket_base::shutdown_both, ignored);
+        stream_.lowest_layer().close(ignored);
+    }
+
+    AsyncStream& stream() { return stream_; }
+
+private:
+    AsyncStream stream_;
+};
+
+}  // namespace taser::mux
