@@ -1,0 +1,393 @@
+// SPDX-License-Identifier: Apache-2.0
+// taser bridge: options, the dial loop to each broker, and the drain on SIGTERM.
+#include "taser/bridge/bridge.hpp"
+
+#include <openssl/ssl.h>
+#include <openssl/x509_vfy.h>
+
+#include <iostream>
+#include <random>
+
+#include <boost/asio/connect.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <boost/asio/ssl.hpp>
+
+#include "taser/config/cli.hpp"
+#include "taser/log/log.hpp"
+#include "taser/mux/transport.hpp"
+#include "taser/net/deadlines.hpp"
+#include "taser/net/listen.hpp"
+#include "taser/net/spawn.hpp"
+#include "taser/version.hpp"
+#include "vault_client.hpp"
+
+namespace taser::bridge {
+namespace {
+
+namespace po = boost::program_options;
+using tcp = asio::ip::tcp;
+using asio::as_tuple;
+using asio::use_awaitable;
+using tls_stream = asio::ssl::stream<tcp::socket>;
+
+constexpr std::string_view usage =
+    "Usage: taser bridge --broker-address HOST:PORT [options]\n\n"
+    "Dials each broker over mutual TLS, keeps the connection open, and replays the requests\n"
+    "it carries against --vault-address. Opens no listening port.";
+
+// A session that lasted this long counts as stable: the next failure starts the backoff anew.
+constexpr auto stable_session = std::chrono::seconds(10);
+
+struct bridge_state {
+    bridge_state(asio::io_context& io_context, const options& o,
+                 std::shared_ptr<asio::ssl::context> vault_tls)
+        : io(io_context), opt(o), vault(io_context.get_executor(), o, std::move(vault_tls)) {}
+
+    asio::io_context& io;
+    const options& opt;
+    vault_client vault;
+    std::shared_ptr<asio::ssl::context> broker_tls;
+    frame::instance_id instance{};
+    std::uint64_t next_conn = 1;
+    bool draining = false;
+    std::vector<std::shared_ptr<mux::session>> sessions;
+    std::mt19937_64 random{std::random_device{}()};
+};
+
+po::options_description describe() {
+    po::options_description desc("taser bridge options");
+    auto s = [](const char* v) { return po::value<std::string>()->default_value(v); };
+    desc.add_options()
+        ("broker-address", po::value<std::vector<std::string>>(),
+         "HOST:PORT of a broker's bridge port (repeatable: one vault may serve several clusters)")
+        ("server-name", po::value<std::string>(),
+         "name the broker's certificate must carry (default: the host of --broker-address)")
+        ("client-cert", po::value<std::string>(), "client certificate chain (PEM) of this bridge")
+        ("client-key", po::value<std::string>(), "private key (PEM) of this bridge")
+        ("ca-cert", po::value<std::string>(), "CA bundle (PEM) that the broker's certificate "
+                                              "must chain to")
+        ("broker-pin", po::value<std::vector<std::string>>(),
+         "accept only a broker certificate with this key pin, sha256//BASE64 (repeatable)")
+        ("tls-min-version", s("1.3"), "minimum TLS version towards brokers: 1.3 or 1.2")
+        ("vault-address", s("http://127.0.0.1:8200"),
+         "the vault's API address; the only place the bridge sends requests")
+        ("vault-ca", po::value<std::string>(), "CA bundle (PEM) of the vault's certificate, for "
+                                               "an https vault address")
+        ("vault-max-connections", po::value<std::size_t>()->default_value(128),
+         "connections to the vault at once; further requests wait for one")
+        ("vault-max-idle", po::value<std::size_t>()->default_value(32),
+         "idle keep-alive connections kept to the vault")
+        ("request-timeout", s("120s"), "time the vault has to answer a request (duration)")
+        ("connect-timeout", s("5s"), "time to connect to a broker or the vault (duration)")
+        ("handshake-timeout", s("10s"), "time for the TLS and tunnel handshake (duration)")
+        ("keepalive-interval", s("15s"), "idle time between tunnel PINGs (duration)")
+        ("keepalive-timeout", s("10s"),
+         "time a PING may go unanswered before the tunnel is declared dead (duration)")
+        ("reconnect-min", s("100ms"), "first delay before dialling again (duration)")
+        ("reconnect-max", s("5s"), "longest delay between dial attempts (duration)")
+        ("max-frame-payload", s("64KiB"), "largest frame payload the broker may send (size)")
+        ("stream-window", s("4MiB"), "flow-control window of each stream (size)")
+        ("connection-window", s("32MiB"), "flow-control window of each tunnel (size)")
+        ("max-streams", po::value<std::uint32_t>()->default_value(16384),
+         "streams open at once on one tunnel")
+        ("instance-id", s(""), "name of this bridge (default: random)")
+        ("drain-timeout", s("30s"),
+         "after SIGTERM, how long running requests may take to finish (duration)");
+    config::add_common_options(desc);
+    return desc;
+}
+
+std::string optional_string(const po::variables_map& vm, const char* name) {
+    return vm.count(name) ? vm[name].as<std::string>() : std::string();
+}
+
+options to_options(const po::variables_map& vm) {
+    options o;
+    auto str = [&](const char* name) { return vm[name].as<std::string>(); };
+    auto duration = [&](const char* name) { return config::parse_duration(name, str(name)); };
+    if (!vm.count("broker-address")) {
+        throw config::invalid_value("--broker-address is required");
+    }
+    for (const auto& a : vm["broker-address"].as<std::vector<std::string>>()) {
+        o.brokers.push_back(config::parse_host_port("broker-address", a));
+    }
+    o.server_name = optional_string(vm, "server-name");
+    o.client_cert = optional_string(vm, "client-cert");
+    o.client_key = optional_string(vm, "client-key");
+    o.ca_cert = optional_string(vm, "ca-cert");
+    if (o.client_cert.empty() || o.client_key.empty() || o.ca_cert.empty()) {
+        throw config::invalid_value(
+            "the bridge needs --client-cert, --client-key and --ca-cert (mutual TLS)");
+    }
+    if (vm.count("broker-pin")) {
+        o.broker_pins = vm["broker-pin"].as<std::vector<std::string>>();
+        for (const auto& pin : o.broker_pins) {
+            if (!tls::is_valid_pin(pin)) {
+                throw config::invalid_value("invalid value '" + pin +
+                                            "' for --broker-pin: expected sha256//BASE64");
+            }
+        }
+    }
+    o.tls_min = tls::parse_min_version("tls-min-version", str("tls-min-version"));
+    o.vault = config::parse_url("vault-address", str("vault-address"));
+    o.vault_ca = optional_string(vm, "vault-ca");
+    o.vault_max_connections = vm["vault-max-connections"].as<std::size_t>();
+    o.vault_max_idle = vm["vault-max-idle"].as<std::size_t>();
+    if (o.vault_max_connections == 0) {
+        throw config::invalid_value("--vault-max-connections must be at least 1");
+    }
+    o.request_timeout = duration("request-timeout");
+    o.connect_timeout = duration("connect-timeout");
+    o.handshake_timeout = duration("handshake-timeout");
+    o.keepalive_interval = duration("keepalive-interval");
+    o.keepalive_timeout = duration("keepalive-timeout");
+    o.reconnect_min = duration("reconnect-min");
+    o.reconnect_max = duration("reconnect-max");
+    if (o.reconnect_min.count() <= 0 || o.reconnect_max < o.reconnect_min) {
+        throw config::invalid_value(
+            "--reconnect-min must be above zero and at most --reconnect-max");
+    }
+    auto payload = config::parse_size("max-frame-payload", str("max-frame-payload"));
+    if (payload < frame::min_max_frame_payload || payload > frame::max_length_field) {
+        throw config::invalid_value(
+            "invalid value for --max-frame-payload: expected a size from 16KiB to 16MiB-1");
+    }
+    o.settings.max_frame_payload = static_cast<std::uint32_t>(payload);
+    auto window = [&](const char* name) {
+        auto v = config::parse_size(name, str(name));
+        if (v == 0 || v > frame::max_window) {
+            throw config::invalid_value("invalid value for --" + std::string(name) +
+                                        ": expected a size from 1 to 2GiB-1");
+        }
+        return static_cast<std::uint32_t>(v);
+    };
+    o.settings.initial_stream_window = window("stream-window");
+    o.settings.initial_connection_window = window("connection-window");
+    o.settings.max_concurrent_streams = vm["max-streams"].as<std::uint32_t>();
+    o.settings.max_header_block = o.settings.max_frame_payload;
+    o.instance_name = str("instance-id");
+    o.drain_timeout = duration("drain-timeout");
+    return o;
+}
+
+std::string describe_failure(tls_stream& stream, const error_code& ec) {
+    auto verify = SSL_get_verify_result(stream.native_handle());
+    if (verify != X509_V_OK) {
+        return std::string("broker certificate rejected: ") + X509_verify_cert_error_string(verify);
+    }
+    return ec.message();
+}
+
+// Dials one broker and serves its session. Returns the session's run time, or zero when no
+// session came up; failure reasons are logged here.
+asio::awaitable<std::chrono::steady_clock::duration> dial_once(bridge_state& st,
+                                                               const config::host_port& broker) {
+    auto conn = st.next_conn++;
+    auto address = broker.to_string();
+    auto fail = [&](std::string_view stage, std::string_view error) {
+        log::write_limited(log::level::warn, "connect_failed", {{"conn", conn},
+                                                                {"broker", address},
+                                                                {"stage", stage},
+                                                                {"error", error}});
+    };
+
+    // The name is resolved again on every attempt, so that a moved broker is found.
+    tcp::resolver resolver(st.io.get_executor());
+    auto [rec, endpoints] = co_await resolver.async_resolve(broker.host, std::to_string(broker.port),
+                                                            as_tuple(use_awaitable));
+    if (rec) {
+        fail("resolve", rec.message());
+        co_return std::chrono::steady_clock::duration::zero();
+    }
+
+    auto tls_context = st.broker_tls;
+    auto stream = std::make_unique<tls_stream>(st.io.get_executor(), *tls_context);
+    auto* raw = stream.get();
+    auto timers = std::make_shared<net::deadlines>(st.io.get_executor(), [raw] {
+        error_code e;
+        raw->lowest_layer().close(e);
+    });
+    timers->start();
+    timers->arm(net::deadlines::write, st.opt.connect_timeout);
+    auto [cec, endpoint] = co_await asio::async_connect(stream->lowest_layer(), endpoints,
+                                                        as_tuple(use_awaitable));
+    timers->disarm(net::deadlines::write);
+    if (cec) {
+        timers->stop();
+        fail("connect", timers->expired() ? "timed out" : cec.message());
+        co_return std::chrono::steady_clock::duration::zero();
+    }
+    error_code ignored;
+    stream->lowest_layer().set_option(tcp::no_delay(true), ignored);
+
+    auto name = st.opt.server_name.empty() ? broker.host : st.opt.server_name;
+    tls::prepare_client_stream(stream->native_handle(), name);
+    timers->arm(net::deadlines::read, st.opt.handshake_timeout);
+    auto [hec] = co_await stream->async_handshake(asio::ssl::stream_base::client,
+                                                  as_tuple(use_awaitable));
+    timers->disarm(net::deadlines::read);
+    timers->stop();
+    if (hec) {
+        fail("tls", timers->expired() ? "handshake timed out" : describe_failure(*stream, hec));
+        co_return std::chrono::steady_clock::duration::zero();
+    }
+    X509* cert = SSL_get0_peer_certificate(stream->native_handle());
+    if (!st.opt.broker_pins.empty()) {
+        auto pin = cert ? tls::spki_pin(cert) : std::string();
+        const auto& pins = st.opt.broker_pins;
+        if (std::find(pins.begin(), pins.end(), pin) == pins.end()) {
+            // A pin mismatch is not a network fault: it is logged as an error, every time.
+            log::error("broker_pin_mismatch", {{"conn", conn},
+                                               {"broker", address},
+                                               {"pin", pin},
+                                               {"certificate", tls::describe_certificate(cert)}});
+            co_return std::chrono::steady_clock::duration::zero();
+        }
+    }
+    if (tls::negotiated_alpn(stream->native_handle()) != frame::alpn_id) {
+        fail("tls", "broker did not select ALPN " + std::string(frame::alpn_id));
+        co_return std::chrono::steady_clock::duration::zero();
+    }
+
+    mux::session_options so;
+    so.role = frame::role::bridge;
+    so.instance = st.instance;
+    so.local = st.opt.settings;
+    so.hello_timeout = st.opt.handshake_timeout;
+    so.keepalive_interval = st.opt.keepalive_interval;
+    so.keepalive_timeout = st.opt.keepalive_timeout;
+    auto transport = std::make_unique<mux::stream_transport<tls_stream>>(std::move(*stream));
+    auto session = std::make_shared<mux::session>(std::move(transport), st.io.get_executor(), so, conn);
+    if (auto sec = co_await session->handshake()) {
+        fail("tunnel", sec.message());
+        co_return std::chrono::steady_clock::duration::zero();
+    }
+    session->on_stream = [&st](std::shared_ptr<mux::stream> s) {
+        net::spawn(st.io.get_executor(), st.vault.serve(std::move(s)), "vault_request");
+    };
+    if (st.draining) {
+        session->goaway(errc::no_error, "bridge is shutting down");
+    }
+
+    auto started = std::chrono::steady_clock::now();
+    log::info("broker_connected", {{"conn", conn},
+                                   {"broker", address},
+                                   {"instance", net::to_hex(session->peer_hello().instance)},
+                                   {"replicas", session->peer_hello().settings.replicas},
+                                   {"certificate", tls::describe_certificate(cert)}});
+    st.sessions.push_back(session);
+    auto reason = co_await session->run();
+    std::erase(st.sessions, session);
+    auto lasted = std::chrono::steady_clock::now() - started;
+    log::info("broker_disconnected",
+              {{"conn", conn},
+               {"broker", address},
+               {"reason", reason ? reason.message() : "closed"},
+               {"duration_s", std::chrono::duration<double>(lasted).count()},
+               {"bytes_sent", session->bytes_sent()},
+               {"bytes_received", session->bytes_received()}});
+    co_return lasted;
+}
+
+// Keeps one session to a broker open for as long as the process runs: dials, serves, and
+// dials again after a delay with exponential backoff and full jitter.
+asio::awaitable<void> keep_connected(bridge_state& st, config::host_port broker) {
+    auto backoff = st.opt.reconnect_min;
+    while (!st.draining) {
+        auto lasted = co_await dial_once(st, broker);
+        if (st.draining) {
+            break;
+        }
+        if (lasted >= stable_session) {
+            backoff = st.opt.reconnect_min;
+        }
+        // Full jitter: a uniform delay in [0, backoff], so that many bridges that lost the
+        // same broker do not dial it again in the same instant.
+        std::uniform_int_distribution<std::int64_t> pick(0, backoff.count());
+        auto delay = std::chrono::milliseconds(pick(st.random));
+        log::debug("reconnect_scheduled",
+                   {{"broker", broker.to_string()}, {"delay_ms", delay.count()}});
+        co_await net::sleep(delay);
+        backoff = std::min(backoff * 2, st.opt.reconnect_max);
+    }
+}
+
+int parse_and_run(int argc, char** argv) {
+    auto desc = describe();
+    auto vm = config::parse(argc, argv, desc, usage);
+    if (!vm) {
+        return 0;
+    }
+    return run(to_options(*vm));
+}
+
+asio::awaitable<void> drain(bridge_state& st) {
+    st.draining = true;
+    for (const auto& s : st.sessions) {
+        s->goaway(errc::no_error, "bridge is shutting down");
+    }
+    auto deadline = std::chrono::steady_clock::now() + st.opt.drain_timeout;
+    for (;;) {
+        bool busy = false;
+        for (const auto& s : st.sessions) {
+            busy = busy || s->open_streams() > 0;
+        }
+        if (!busy || std::chrono::steady_clock::now() >= deadline) {
+            break;
+        }
+        co_await net::sleep(std::chrono::milliseconds(50));
+    }
+    for (const auto& s : st.sessions) {
+        s->close(make_error_code(errc::no_error));
+    }
+    log::info("drain_finished", {});
+    st.io.stop();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) { return config::guarded_main("bridge", parse_and_run, argc, argv); }
+
+int run(const options& o) {
+    asio::io_context io(1);
+    std::shared_ptr<asio::ssl::context> vault_tls;
+    if (o.vault.scheme == "https") {
+        vault_tls = tls::make_client_context({"", "", o.vault_ca, tls::min_version::tls1_2, ""});
+    }
+    bridge_state st(io, o, vault_tls);
+    st.instance = net::make_instance_id(o.instance_name);
+    st.broker_tls = tls::make_client_context(
+        {o.client_cert, o.client_key, o.ca_cert, o.tls_min, std::string(frame::alpn_id)});
+
+    log::info("bridge_started", {{"version", taser::version},
+                                 {"instance", net::to_hex(st.instance)},
+                                 {"vault", o.vault.scheme + "://" + o.vault.authority.to_string()},
+                                 {"brokers", o.brokers.size()}});
+    for (const auto& b : o.brokers) {
+        net::spawn(io.get_executor(), keep_connected(st, b), "keep_connected");
+    }
+
+    asio::signal_set signals(io, SIGTERM, SIGINT);
+    int signals_seen = 0;
+    std::function<void(error_code, int)> on_signal = [&](error_code ec, int number) {
+        if (ec) {
+            return;
+        }
+        if (++signals_seen > 1) {
+            log::warn("shutdown_forced", {{"signal", number}});
+            io.stop();
+            return;
+        }
+        log::info("drain_started",
+                  {{"signal", number}, {"drain_timeout_ms", o.drain_timeout.count()}});
+        net::spawn(io.get_executor(), drain(st), "drain");
+        signals.async_wait(on_signal);
+    };
+    signals.async_wait(on_signal);
+
+    io.run();
+    log::info("bridge_stopped", {});
+    return 0;
+}
+
+}  // namespace taser::bridge

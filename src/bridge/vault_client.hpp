@@ -1,0 +1,58 @@
+// SPDX-License-Identifier: Apache-2.0
+// The bridge's only outbound HTTP client: replays tunnel streams against the vault address,
+// over a small pool of keep-alive connections.
+#pragma once
+
+#include <chrono>
+#include <deque>
+#include <memory>
+
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/ssl/stream.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+
+#include "taser/bridge/bridge.hpp"
+#include "taser/mux/session.hpp"
+#include "taser/net/event.hpp"
+
+namespace taser::bridge {
+
+namespace asio = boost::asio;
+
+// One connection to the vault, plain or TLS.
+struct vault_connection {
+    std::unique_ptr<asio::ip::tcp::socket> plain;
+    std::unique_ptr<asio::ssl::stream<asio::ip::tcp::socket>> tls;
+    boost::beast::flat_buffer buffer;
+    std::chrono::steady_clock::time_point idle_since;
+    bool reused = false;
+
+    void close() noexcept;
+};
+
+class vault_client {
+public:
+    vault_client(const asio::any_io_executor& ex, const options& o,
+                 std::shared_ptr<asio::ssl::context> tls);
+
+    // Serves one stream opened by a broker: replays its request against the vault and sends
+    // the response back on it. Never throws; every failure ends in a response or a reset.
+    asio::awaitable<void> serve(std::shared_ptr<mux::stream> s);
+
+    std::size_t open_connections() const noexcept { return open_; }
+
+private:
+    asio::awaitable<std::unique_ptr<vault_connection>> acquire(error_code& ec);
+    asio::awaitable<std::unique_ptr<vault_connection>> connect(error_code& ec);
+    void release(std::unique_ptr<vault_connection> c, bool reusable);
+
+    asio::any_io_executor executor_;
+    const options& options_;
+    std::shared_ptr<asio::ssl::context> tls_;
+    std::deque<std::unique_ptr<vault_connection>> idle_;
+    std::size_t open_ = 0;
+    net::event slot_freed_;
+};
+
+}  // namespace taser::bridge

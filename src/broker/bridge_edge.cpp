@@ -1,0 +1,165 @@
+// SPDX-License-Identifier: Apache-2.0
+// The broker's bridge edge: the one port that faces the internet. Mutual TLS with a deadline
+// and a cap on handshakes in progress; nothing of the tunnel protocol is read before the
+// certificate passed every check.
+#include <openssl/ssl.h>
+#include <openssl/x509_vfy.h>
+
+#include <algorithm>
+
+#include <boost/asio/ssl.hpp>
+
+#include "state.hpp"
+#include "taser/log/log.hpp"
+#include "taser/mux/transport.hpp"
+#include "taser/net/deadlines.hpp"
+#include "taser/net/listen.hpp"
+#include "taser/net/spawn.hpp"
+
+namespace taser::broker {
+namespace {
+
+using tcp = asio::ip::tcp;
+using asio::as_tuple;
+using asio::use_awaitable;
+using tls_stream = asio::ssl::stream<tcp::socket>;
+
+std::string format_peer(const tcp::endpoint& e) {
+    auto a = e.address().to_string();
+    return e.address().is_v6() ? "[" + a + "]:" + std::to_string(e.port())
+                               : a + ":" + std::to_string(e.port());
+}
+
+void reject(state& st, std::string_view peer, std::string_view reason, std::string_view detail) {
+    ++st.stats.bridge_rejected_total;
+    log::write_limited(log::level::warn, "bridge_rejected",
+                       {{"peer", peer}, {"reason", reason}, {"error", detail}});
+}
+
+// Explains a failed handshake: the certificate check's verdict if there was one, else the
+// TLS error.
+std::string handshake_failure(tls_stream& stream, const error_code& ec) {
+    auto verify = SSL_get_verify_result(stream.native_handle());
+    if (verify != X509_V_OK) {
+        return std::string("certificate rejected: ") + X509_verify_cert_error_string(verify);
+    }
+    return ec.message();
+}
+
+asio::awaitable<void> serve_bridge(state& st, tcp::socket socket) {
+    error_code ignored;
+    socket.set_option(tcp::no_delay(true), ignored);
+    auto peer = format_peer(socket.remote_endpoint(ignored));
+    auto conn = st.next_conn_id();
+
+    auto tls_context = st.bridge_tls;  // the context in force when this bridge connected
+    auto stream = std::make_unique<tls_stream>(std::move(socket), *tls_context);
+    auto* raw = stream.get();
+    auto timers = std::make_shared<net::deadlines>(st.io.get_executor(), [raw] {
+        error_code e;
+        raw->lowest_layer().close(e);
+    });
+    timers->start();
+    timers->arm(net::deadlines::read, st.opt.handshake_timeout);
+    ++st.handshakes_in_progress;
+    auto [ec] = co_await stream->async_handshake(asio::ssl::stream_base::server,
+                                                 as_tuple(use_awaitable));
+    --st.handshakes_in_progress;
+    timers->disarm(net::deadlines::read);
+    if (ec) {
+        timers->stop();
+        reject(st, peer, timers->expired() ? "handshake timeout" : "handshake failed",
+               timers->expired() ? "no completed TLS handshake within the deadline"
+                                 : handshake_failure(*stream, ec));
+        co_return;
+    }
+
+    X509* cert = SSL_get0_peer_certificate(stream->native_handle());
+    if (!st.opt.bridge_pins.empty()) {
+        auto pin = cert ? tls::spki_pin(cert) : std::string();
+        auto& pins = st.opt.bridge_pins;
+        if (std::find(pins.begin(), pins.end(), pin) == pins.end()) {
+            timers->stop();
+            reject(st, peer, "pin mismatch",
+                   "certificate " + tls::describe_certificate(cert) + " has pin " + pin +
+                       ", which is not among --bridge-pin");
+            co_return;
+        }
+    }
+    if (tls::negotiated_alpn(stream->native_handle()) != frame::alpn_id) {
+        timers->stop();
+        reject(st, peer, "alpn mismatch", "bridge did not offer " + std::string(frame::alpn_id));
+        co_return;
+    }
+    timers->stop();
+    auto subject = tls::describe_certificate(cert);
+
+    mux::session_options so;
+    so.role = frame::role::broker;
+    so.instance = st.instance;
+    so.local = st.opt.settings;
+    so.local.replicas = st.opt.replicas;
+    so.hello_timeout = st.opt.handshake_timeout;
+    so.keepalive_interval = st.opt.keepalive_interval;
+    so.keepalive_timeout = st.opt.keepalive_timeout;
+    auto transport = std::make_unique<mux::stream_transport<tls_stream>>(std::move(*stream));
+    auto session = std::make_shared<mux::session>(std::move(transport), st.io.get_executor(), so, conn);
+
+    if (auto hec = co_await session->handshake()) {
+        reject(st, peer, "tunnel handshake failed", hec.message());
+        co_return;
+    }
+    if (st.draining) {
+        session->goaway(errc::no_error, "broker is shutting down");
+    }
+    ++st.stats.bridge_connections_total;
+    auto started = std::chrono::steady_clock::now();
+    log::info("bridge_connected", {{"conn", conn},
+                                   {"peer", peer},
+                                   {"instance", net::to_hex(session->peer_hello().instance)},
+                                   {"certificate", subject}});
+    st.pool.add(session);
+    auto reason = co_await session->run();
+    st.pool.remove(session);
+    auto seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started);
+    log::info("bridge_disconnected", {{"conn", conn},
+                                      {"peer", peer},
+                                      {"reason", reason ? reason.message() : "closed"},
+                                      {"duration_s", seconds.count()},
+                                      {"bytes_sent", session->bytes_sent()},
+                                      {"bytes_received", session->bytes_received()}});
+}
+
+}  // namespace
+
+asio::awaitable<void> accept_bridges(state& st, tcp::acceptor& acceptor) {
+    for (;;) {
+        auto [ec, socket] = co_await acceptor.async_accept(as_tuple(use_awaitable));
+        if (ec) {
+            if (ec == asio::error::operation_aborted || !acceptor.is_open()) {
+                co_return;
+            }
+            log::write_limited(log::level::error, "accept_failed",
+                               {{"listener", "bridge"}, {"error", ec.message()}});
+            asio::steady_timer pause(st.io.get_executor(), std::chrono::milliseconds(100));
+            co_await pause.async_wait(as_tuple(use_awaitable));
+            continue;
+        }
+        // Both caps are checked before any TLS work, so that a flood costs one accept each.
+        if (st.handshakes_in_progress >= st.opt.max_handshakes) {
+            error_code ignored;
+            reject(st, format_peer(socket.remote_endpoint(ignored)), "too many handshakes",
+                   "limit " + std::to_string(st.opt.max_handshakes));
+            continue;
+        }
+        if (st.pool.size() >= st.opt.max_bridges) {
+            error_code ignored;
+            reject(st, format_peer(socket.remote_endpoint(ignored)), "too many bridges",
+                   "limit " + std::to_string(st.opt.max_bridges));
+            continue;
+        }
+        net::spawn(st.io.get_executor(), serve_bridge(st, std::move(socket)), "bridge_connection");
+    }
+}
+
+}  // namespace taser::broker

@@ -1,0 +1,253 @@
+// SPDX-License-Identifier: Apache-2.0
+// taser broker: options, listeners, and the drain on SIGTERM.
+#include "taser/broker/broker.hpp"
+
+#include <iostream>
+
+#include <boost/asio/signal_set.hpp>
+
+#include "state.hpp"
+#include "taser/config/cli.hpp"
+#include "taser/log/log.hpp"
+#include "taser/net/listen.hpp"
+#include "taser/net/spawn.hpp"
+#include "taser/version.hpp"
+
+namespace taser::broker {
+namespace {
+
+namespace po = boost::program_options;
+using tcp = asio::ip::tcp;
+
+constexpr std::string_view usage =
+    "Usage: taser broker [options]\n\n"
+    "Accepts bridges (mutual TLS) on --bridge-listen and Vault API clients on --listen, and\n"
+    "carries each client request to a bridge as one stream of the tunnel.";
+
+po::options_description describe() {
+    po::options_description desc("taser broker options");
+    auto s = [](const char* v) { return po::value<std::string>()->default_value(v); };
+    desc.add_options()
+        ("listen", s("0.0.0.0:8443"), "HOST:PORT for Vault API clients (pods)")
+        ("tls-cert", po::value<std::string>(), "certificate chain (PEM) of the client port")
+        ("tls-key", po::value<std::string>(), "private key (PEM) of the client port")
+        ("client-ca", po::value<std::string>(),
+         "CA bundle (PEM); when set, clients must present a certificate from it")
+        ("plaintext", po::bool_switch(),
+         "serve the client port over plain HTTP instead of HTTPS")
+        ("bridge-listen", s("0.0.0.0:8444"), "HOST:PORT for bridges (mutual TLS)")
+        ("bridge-cert", po::value<std::string>(), "certificate chain (PEM) of the bridge port")
+        ("bridge-key", po::value<std::string>(), "private key (PEM) of the bridge port")
+        ("bridge-ca", po::value<std::string>(),
+         "CA bundle (PEM) that bridge client certificates must chain to")
+        ("bridge-pin", po::value<std::vector<std::string>>(),
+         "accept only bridge certificates with this key pin, sha256//BASE64 (repeatable; "
+         "'taser pin CERT' prints one)")
+        ("tls-min-version", s("1.3"), "minimum TLS version on the bridge port: 1.3 or 1.2")
+        ("bridge-wait", s("5s"), "how long a request waits for a bridge before 503 (duration)")
+        ("request-timeout", s("120s"),
+         "how long a request waits for the vault's response head before 504 (duration)")
+        ("idle-timeout", s("60s"),
+         "how long a client connection may make no progress, and wait between requests")
+        ("header-timeout", s("10s"), "time for a new client to send its first request header")
+        ("handshake-timeout", s("10s"), "time for a bridge's TLS and tunnel handshake")
+        ("max-header-size", s("64KiB"), "largest request header block (size); larger: 431")
+        ("max-body-size", s("128MiB"), "largest request body (size); larger: 413")
+        ("max-client-connections", po::value<std::size_t>()->default_value(10000),
+         "client connections open at once; more are closed at accept")
+        ("max-handshakes", po::value<std::size_t>()->default_value(64),
+         "bridge TLS handshakes in progress at once; more are closed at accept")
+        ("max-bridges", po::value<std::size_t>()->default_value(64), "bridges connected at once")
+        ("keepalive-interval", s("15s"), "idle time between tunnel PINGs (duration)")
+        ("keepalive-timeout", s("10s"), "time a PING may go unanswered before the tunnel is "
+                                        "declared dead (duration)")
+        ("max-frame-payload", s("64KiB"), "largest frame payload the bridge may send (size)")
+        ("stream-window", s("4MiB"), "flow-control window of each stream (size)")
+        ("connection-window", s("32MiB"), "flow-control window of each tunnel (size)")
+        ("max-streams", po::value<std::uint32_t>()->default_value(16384),
+         "streams open at once on one tunnel")
+        ("instance-id", s(""), "name of this broker replica (default: random)")
+        ("replicas", po::value<std::uint32_t>()->default_value(1),
+         "how many broker replicas serve the same address, announced to bridges")
+        ("drain-timeout", s("30s"),
+         "after SIGTERM, how long running requests may take to finish (duration)");
+    config::add_common_options(desc);
+    return desc;
+}
+
+std::string optional_string(const po::variables_map& vm, const char* name) {
+    return vm.count(name) ? vm[name].as<std::string>() : std::string();
+}
+
+std::uint32_t to_window(std::string_view option, std::uint64_t v) {
+    if (v == 0 || v > frame::max_window) {
+        throw config::invalid_value("invalid value for --" + std::string(option) +
+                                    ": expected a size from 1 to 2GiB-1");
+    }
+    return static_cast<std::uint32_t>(v);
+}
+
+options to_options(const po::variables_map& vm) {
+    options o;
+    auto str = [&](const char* name) { return vm[name].as<std::string>(); };
+    auto duration = [&](const char* name) { return config::parse_duration(name, str(name)); };
+    o.listen = config::parse_host_port("listen", str("listen"));
+    o.tls_cert = optional_string(vm, "tls-cert");
+    o.tls_key = optional_string(vm, "tls-key");
+    o.client_ca = optional_string(vm, "client-ca");
+    o.plaintext = vm["plaintext"].as<bool>();
+    if (!o.plaintext && (o.tls_cert.empty() || o.tls_key.empty())) {
+        throw config::invalid_value(
+            "the client port needs --tls-cert and --tls-key, or --plaintext for plain HTTP");
+    }
+    if (o.plaintext && (!o.tls_cert.empty() || !o.client_ca.empty())) {
+        throw config::invalid_value("--plaintext cannot be combined with --tls-cert or --client-ca");
+    }
+    o.bridge_listen = config::parse_host_port("bridge-listen", str("bridge-listen"));
+    o.bridge_cert = optional_string(vm, "bridge-cert");
+    o.bridge_key = optional_string(vm, "bridge-key");
+    o.bridge_ca = optional_string(vm, "bridge-ca");
+    if (o.bridge_cert.empty() || o.bridge_key.empty() || o.bridge_ca.empty()) {
+        throw config::invalid_value(
+            "the bridge port needs --bridge-cert, --bridge-key and --bridge-ca (mutual TLS)");
+    }
+    if (vm.count("bridge-pin")) {
+        o.bridge_pins = vm["bridge-pin"].as<std::vector<std::string>>();
+        for (const auto& pin : o.bridge_pins) {
+            if (!tls::is_valid_pin(pin)) {
+                throw config::invalid_value("invalid value '" + pin +
+                                            "' for --bridge-pin: expected sha256//BASE64 "
+                                            "(44 characters of base64)");
+            }
+        }
+    }
+    o.tls_min = tls::parse_min_version("tls-min-version", str("tls-min-version"));
+    o.bridge_wait = duration("bridge-wait");
+    o.request_timeout = duration("request-timeout");
+    o.idle_timeout = duration("idle-timeout");
+    o.header_timeout = duration("header-timeout");
+    o.handshake_timeout = duration("handshake-timeout");
+    o.max_header_bytes = config::parse_size("max-header-size", str("max-header-size"));
+    o.max_body_bytes = config::parse_size("max-body-size", str("max-body-size"));
+    o.max_client_connections = vm["max-client-connections"].as<std::size_t>();
+    o.max_handshakes = vm["max-handshakes"].as<std::size_t>();
+    o.max_bridges = vm["max-bridges"].as<std::size_t>();
+    o.keepalive_interval = duration("keepalive-interval");
+    o.keepalive_timeout = duration("keepalive-timeout");
+    auto payload = config::parse_size("max-frame-payload", str("max-frame-payload"));
+    if (payload < frame::min_max_frame_payload || payload > frame::max_length_field) {
+        throw config::invalid_value(
+            "invalid value for --max-frame-payload: expected a size from 16KiB to 16MiB-1");
+    }
+    o.settings.max_frame_payload = static_cast<std::uint32_t>(payload);
+    o.settings.max_header_block =
+        std::min(o.settings.max_frame_payload, static_cast<std::uint32_t>(o.max_header_bytes * 2));
+    o.settings.initial_stream_window =
+        to_window("stream-window", config::parse_size("stream-window", str("stream-window")));
+    o.settings.initial_connection_window = to_window(
+        "connection-window", config::parse_size("connection-window", str("connection-window")));
+    o.settings.max_concurrent_streams = vm["max-streams"].as<std::uint32_t>();
+    o.instance_name = str("instance-id");
+    o.replicas = vm["replicas"].as<std::uint32_t>();
+    o.drain_timeout = duration("drain-timeout");
+    return o;
+}
+
+int parse_and_run(int argc, char** argv) {
+    auto desc = describe();
+    auto vm = config::parse(argc, argv, desc, usage);
+    if (!vm) {
+        return 0;
+    }
+    return run(to_options(*vm));
+}
+
+// After SIGTERM: no new clients or bridges, GOAWAY to bridges, running requests finish up to
+// the drain deadline, then the process ends.
+asio::awaitable<void> drain(state& st, tcp::acceptor& clients, tcp::acceptor& bridges) {
+    st.draining = true;
+    error_code ignored;
+    clients.close(ignored);
+    bridges.close(ignored);
+    st.pool.goaway_all();
+    for (auto& [id, entry] : st.clients) {
+        if (!entry.busy && entry.close) {
+            entry.close();
+        }
+    }
+    auto deadline = std::chrono::steady_clock::now() + st.opt.drain_timeout;
+    while (!st.clients.empty() && std::chrono::steady_clock::now() < deadline) {
+        asio::steady_timer tick(st.io.get_executor(), std::chrono::milliseconds(50));
+        co_await tick.async_wait(asio::as_tuple(asio::use_awaitable));
+    }
+    log::info("drain_finished", {{"clients_left", st.clients.size()}});
+    for (const auto& s : st.pool.sessions()) {
+        s->close(make_error_code(errc::no_error));
+    }
+    st.io.stop();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) { return config::guarded_main("broker", parse_and_run, argc, argv); }
+
+int run(const options& o) {
+    asio::io_context io(1);
+    state st(io, o);
+    st.instance = net::make_instance_id(o.instance_name);
+    st.instance_hex = net::to_hex(st.instance);
+
+    if (!o.plaintext) {
+        st.client_tls = tls::make_server_context(
+            {o.tls_cert, o.tls_key, o.client_ca, false, tls::min_version::tls1_2, "http/1.1", false});
+    }
+    st.bridge_tls = tls::make_server_context({o.bridge_cert, o.bridge_key, o.bridge_ca, true,
+                                              o.tls_min, std::string(frame::alpn_id), true});
+
+    tcp::acceptor client_acceptor(io);
+    tcp::acceptor bridge_acceptor(io);
+    try {
+        net::listen(client_acceptor, o.listen);
+        net::listen(bridge_acceptor, o.bridge_listen);
+    } catch (const boost::system::system_error& e) {
+        log::error("listen_failed", {{"error", e.what()}});
+        std::cerr << "taser broker: " << e.what() << "\n";
+        return 1;
+    }
+    log::info("broker_started", {{"version", taser::version},
+                                 {"instance", st.instance_hex},
+                                 {"replicas", o.replicas},
+                                 {"client_edge", o.plaintext ? "http" : "https"}});
+    log::info("listener_started",
+              {{"listener", "client"}, {"address", net::local_address(client_acceptor)}});
+    log::info("listener_started",
+              {{"listener", "bridge"}, {"address", net::local_address(bridge_acceptor)}});
+
+    net::spawn(io.get_executor(), accept_clients(st, client_acceptor), "accept_clients");
+    net::spawn(io.get_executor(), accept_bridges(st, bridge_acceptor), "accept_bridges");
+
+    asio::signal_set signals(io, SIGTERM, SIGINT);
+    int signals_seen = 0;
+    std::function<void(error_code, int)> on_signal = [&](error_code ec, int number) {
+        if (ec) {
+            return;
+        }
+        if (++signals_seen > 1) {
+            log::warn("shutdown_forced", {{"signal", number}});
+            io.stop();
+            return;
+        }
+        log::info("drain_started", {{"signal", number},
+                                    {"drain_timeout_ms", o.drain_timeout.count()},
+                                    {"clients", st.clients.size()}});
+        net::spawn(io.get_executor(), drain(st, client_acceptor, bridge_acceptor), "drain");
+        signals.async_wait(on_signal);
+    };
+    signals.async_wait(on_signal);
+
+    io.run();
+    log::info("broker_stopped", {});
+    return 0;
+}
+
+}  // namespace taser::broker

@@ -1,0 +1,594 @@
+// SPDX-License-Identifier: Apache-2.0
+// The broker's client edge: HTTP/1.1 from pods, each exchange carried as one tunnel stream.
+#include <algorithm>
+#include <charconv>
+#include <optional>
+
+#include <boost/asio/experimental/awaitable_operators.hpp>
+#include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
+
+#include "state.hpp"
+#include "taser/http/message.hpp"
+#include "taser/log/log.hpp"
+#include "taser/net/deadlines.hpp"
+#include "taser/net/spawn.hpp"
+
+namespace taser::broker {
+namespace {
+
+namespace beast = boost::beast;
+namespace bhttp = boost::beast::http;
+using tcp = asio::ip::tcp;
+using asio::as_tuple;
+using asio::use_awaitable;
+using net::deadlines;
+
+constexpr std::size_t body_chunk_bytes = 64 * 1024;
+// Response data already received is gathered into one write up to this size.
+constexpr std::size_t coalesce_bytes = 256 * 1024;
+constexpr std::string_view continue_100 = "HTTP/1.1 100 Continue\r\n\r\n";
+
+bool ordinary_end(const error_code& ec) {
+    return ec == asio::error::eof || ec == asio::error::connection_reset ||
+           ec == asio::error::operation_aborted || ec == asio::error::broken_pipe ||
+           ec == asio::error::bad_descriptor || ec == asio::ssl::error::stream_truncated ||
+           ec == bhttp::error::end_of_stream;
+}
+
+std::optional<std::uint64_t> parse_content_length(std::string_view v) {
+    std::uint64_t n = 0;
+    auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), n);
+    if (ec != std::errc{} || end != v.data() + v.size() || v.empty()) {
+        return std::nullopt;
+    }
+    return n;
+}
+
+// One client connection: its socket, its deadlines and what it has counted.
+template <class Stream>
+struct client {
+    state& st;
+    Stream& stream;
+    std::uint64_t conn;
+    std::string peer;
+    std::shared_ptr<deadlines> timers;
+    beast::flat_buffer buffer;
+
+    // Reads until the buffer holds a whole header block; returns its length including the
+    // empty line. Fails with not_found when max_bytes arrive without the end of the block.
+    asio::awaitable<std::tuple<error_code, std::size_t>> read_header_block(std::size_t max_bytes) {
+        std::size_t searched = 0;
+        for (;;) {
+            std::string_view have(static_cast<const char*>(buffer.data().data()), buffer.size());
+            auto end = have.find("\r\n\r\n", searched);
+            if (end != std::string_view::npos) {
+                co_return std::tuple{error_code{}, end + 4};
+            }
+            if (have.size() >= max_bytes) {
+                co_return std::tuple{make_error_code(asio::error::not_found), std::size_t{0}};
+            }
+            searched = have.size() < 3 ? 0 : have.size() - 3;
+            auto room = std::min<std::size_t>(max_bytes - have.size() + 4, 16 * 1024);
+            auto [ec, got] = co_await stream.async_read_some(buffer.prepare(room),
+                                                              as_tuple(use_awaitable));
+            if (ec) {
+                co_return std::tuple{ec, std::size_t{0}};
+            }
+            buffer.commit(got);
+            st.stats.bytes_from_clients += got;
+        }
+    }
+
+    asio::awaitable<error_code> write(asio::const_buffer b) {
+        timers->arm(deadlines::write, st.opt.idle_timeout);
+        auto [ec, n] = co_await asio::async_write(stream, b, as_tuple(use_awaitable));
+        timers->disarm(deadlines::write);
+        st.stats.bytes_to_clients += n;
+        co_return ec;
+    }
+
+    // Answers with a Vault-shaped error; returns whether the connection may serve another
+    // request.
+    asio::awaitable<bool> fail(unsigned status, std::string_view message, bool close,
+                               unsigned retry_after = 0) {
+        auto text = taser::http::error_response(status, message, close, retry_after);
+        count(status);
+        auto ec = co_await write(asio::buffer(text));
+        co_return !ec && !close;
+    }
+
+    void count(unsigned status) {
+        if (status >= 100 && status < 600) {
+            ++st.stats.responses_by_class[status / 100];
+        }
+    }
+};
+
+// Reads the request body from the client and sends it on the stream. Returns true when the
+// whole body was read and queued.
+template <class Stream>
+asio::awaitable<bool> upload(client<Stream>& c, bhttp::request_parser<bhttp::buffer_body>& parser,
+                             std::shared_ptr<mux::stream> s, bool& body_too_large) {
+    std::vector<std::uint8_t> chunk(body_chunk_bytes);
+    while (!parser.is_done()) {
+        parser.get().body().data = chunk.data();
+        parser.get().body().size = chunk.size();
+        c.timers->arm(deadlines::read, c.st.opt.idle_timeout);
+        auto [ec, n] = co_await bhttp::async_read(c.stream, c.buffer, parser, as_tuple(use_awaitable));
+        c.timers->disarm(deadlines::read);
+        if (ec == bhttp::error::need_buffer) {
+            ec = {};
+        }
+        if (ec) {
+            body_too_large = ec == bhttp::error::body_limit;
+            log::debug("request_body_failed",
+                       {{"conn", c.conn}, {"stream", s->id()}, {"error", ec.message()}});
+            s->reset(errc::cancel);
+            co_return false;
+        }
+        auto got = chunk.size() - parser.get().body().size;
+        c.st.stats.bytes_from_clients += got;
+        bool last = parser.is_done();
+        if (got > 0 || last) {
+            if (auto wec = co_await s->write({chunk.data(), got}, last)) {
+                co_return false;
+            }
+        }
+    }
+    co_return true;
+}
+
+struct response_outcome {
+    unsigned status = 0;
+    bool complete = false;   // the whole response reached the client
+    bool keep_alive = false;
+    std::uint64_t body_bytes = 0;
+};
+
+// Waits for the response on the stream and writes it to the client.
+template <class Stream>
+asio::awaitable<response_outcome> download(client<Stream>& c, std::shared_ptr<mux::stream> s,
+                                           bool head_request, bool http11, bool keep_alive) {
+    using namespace asio::experimental::awaitable_operators;
+    response_outcome out;
+    auto& opt = c.st.opt;
+
+    auto first = co_await (s->read_response_head() || net::sleep(opt.request_timeout));
+    if (first.index() == 1) {
+        log::warn("request_timeout", {{"conn", c.conn},
+                                      {"stream", s->id()},
+                                      {"timeout_ms", opt.request_timeout.count()}});
+        s->reset(errc::timeout);
+        out.status = 504;
+        out.keep_alive = co_await c.fail(504, "timed out waiting for the vault's response", true);
+        out.complete = true;
+        co_return out;
+    }
+    auto head = std::get<0>(std::move(first));
+    if (!head) {
+        auto ec = head.error();
+        if (ec == errc::refused_stream ||
+            (ec == errc::stream_reset_by_peer && s->peer_reset_code() ==
+                                                     static_cast<std::uint32_t>(errc::refused_stream))) {
+            out.status = 503;
+            out.keep_alive = co_await c.fail(503, "bridge refused the request; retry", !keep_alive, 1);
+        } else {
+            out.status = 502;
+            out.keep_alive = co_await c.fail(
+                502, "tunnel to the vault failed before a response arrived: " + ec.message(), true);
+        }
+        out.complete = true;
+        co_return out;
+    }
+
+    auto status = head->status;
+    out.status = status;
+    auto& fields = head->fields;
+    // The bridge filtered these already; a second pass keeps a faulty bridge from smuggling
+    // connection-level fields to pods.
+    std::erase_if(fields, [](const frame::field& f) { return taser::http::is_hop_by_hop(f.name); });
+    bool no_body = head_request || status == 204 || status == 304 || status < 200;
+    std::optional<std::uint64_t> length;
+    if (auto cl = taser::http::find_field(fields, "content-length")) {
+        length = parse_content_length(*cl);
+        if (!length || taser::http::count_fields(fields, "content-length") > 1) {
+            s->reset(errc::protocol_error);
+            out.keep_alive = co_await c.fail(502, "bridge sent an invalid Content-Length", true);
+            out.complete = true;
+            co_return out;
+        }
+    }
+    bool chunked = !no_body && !length && http11;
+    if (!no_body && !length && !http11) {
+        keep_alive = false;  // HTTP/1.0 has no chunked coding: the end of the body is the close
+    }
+    if (c.st.draining) {
+        keep_alive = false;
+    }
+
+    std::string text;
+    text.reserve(512);
+    taser::http::append_status_line(text, status);
+    taser::http::append_fields(text, fields);
+    if (chunked) {
+        text += "Transfer-Encoding: chunked\r\n";
+    }
+    if (!keep_alive) {
+        text += "Connection: close\r\n";
+    }
+    text += "\r\n";
+    c.count(status);
+
+    std::uint64_t sent = 0;
+    bool ended = no_body;
+    if (no_body) {
+        // Whatever the bridge still sends for this stream is not wanted.
+        if (!s->remote_ended()) {
+            s->reset(errc::cancel);
+        }
+    }
+    for (;;) {
+        // Gather what has arrived without waiting, then write it in one go.
+        while (!ended && text.size() < coalesce_bytes) {
+            auto [status_now, chunk] = s->try_read();
+            if (status_now == mux::stream::poll_result::empty) {
+                break;
+            }
+            if (status_now == mux::stream::poll_result::error) {
+                log::debug("response_body_failed",
+                           {{"conn", c.conn}, {"stream", s->id()}, {"error", s->error().message()}});
+                co_await c.write(asio::buffer(text));
+                co_return out;  // the client sees a message cut short, never a short one
+            }
+            if (status_now == mux::stream::poll_result::end) {
+                ended = true;
+                if (length && sent != *length) {
+                    log::warn("response_truncated", {{"conn", c.conn},
+                                                     {"stream", s->id()},
+                                                     {"expected", *length},
+                                                     {"received", sent}});
+                    co_await c.write(asio::buffer(text));
+                    co_return out;
+                }
+                if (chunked) {
+                    text += "0\r\n\r\n";
+                }
+                break;
+            }
+            sent += chunk.size();
+            if (length && sent > *length) {
+                log::warn("response_too_long",
+                          {{"conn", c.conn}, {"stream", s->id()}, {"expected", *length}});
+                s->reset(errc::protocol_error);
+                co_await c.write(asio::buffer(text));
+                co_return out;
+            }
+            if (chunked) {
+                char size_line[24];
+                auto [end, ec] = std::to_chars(size_line, size_line + 16, chunk.size(), 16);
+                (void)ec;
+                text.append(size_line, end);
+                text += "\r\n";
+                text.append(chunk.begin(), chunk.end());
+                text += "\r\n";
+            } else {
+                text.append(chunk.begin(), chunk.end());
+            }
+        }
+        if (!text.empty()) {
+            if (auto ec = co_await c.write(asio::buffer(text))) {
+                log::debug("client_write_failed", {{"conn", c.conn}, {"error", ec.message()}});
+                s->reset(errc::cancel);
+                co_return out;
+            }
+            text.clear();
+        }
+        if (ended) {
+            break;
+        }
+        // Nothing buffered: wait for more, but not longer than a connection may stay idle.
+        auto more = co_await (s->wait_readable() || net::sleep(opt.idle_timeout));
+        if (more.index() == 1) {
+            log::warn("response_stalled", {{"conn", c.conn},
+                                            {"stream", s->id()},
+                                            {"timeout_ms", opt.idle_timeout.count()}});
+            s->reset(errc::timeout);
+            co_return out;
+        }
+    }
+    out.body_bytes = sent;
+    out.complete = true;
+    out.keep_alive = keep_alive;
+    co_return out;
+}
+
+// Serves one request whose header has been parsed. Returns whether the connection may serve
+// another request.
+template <class Stream>
+asio::awaitable<bool> exchange(client<Stream>& c, bhttp::request_parser<bhttp::buffer_body>& parser) {
+    auto& st = c.st;
+    auto& req = parser.get();
+    auto started = std::chrono::steady_clock::now();
+    ++st.stats.requests_total;
+
+    // RFC 9112 §6.3: a message with both framings, or with conflicting lengths, could be read
+    // differently by the vault; such requests are rejected, never repaired.
+    std::size_t lengths = 0;
+    std::size_t codings = 0;
+    bool bad_coding = false;
+    for (const auto& f : req) {
+        if (beast::iequals(f.name_string(), "content-length")) {
+            ++lengths;
+        } else if (beast::iequals(f.name_string(), "transfer-encoding")) {
+            ++codings;
+            if (!beast::iequals(f.value(), "chunked")) {
+                bad_coding = true;
+            }
+        }
+    }
+    if (lengths > 1 || (lengths && codings) || codings > 1 || bad_coding) {
+        log::write_limited(log::level::warn, "request_rejected",
+                           {{"conn", c.conn}, {"peer", c.peer}, {"reason", "ambiguous body framing"}});
+        co_return co_await c.fail(400, "ambiguous request framing (Content-Length and "
+                                       "Transfer-Encoding)", true);
+    }
+    if (req.method() == bhttp::verb::connect) {
+        log::write_limited(log::level::warn, "request_rejected",
+                           {{"conn", c.conn}, {"peer", c.peer}, {"reason", "CONNECT not enabled"}});
+        co_return co_await c.fail(403, "CONNECT is not enabled on this broker", true);
+    }
+    auto target = taser::http::to_origin_form(req.target());
+    if (!target) {
+        log::write_limited(log::level::warn, "request_rejected",
+                           {{"conn", c.conn}, {"peer", c.peer}, {"reason", "invalid request target"}});
+        co_return co_await c.fail(400, "invalid request target", true);
+    }
+
+    bool keep_alive = req.keep_alive() && !st.draining;
+    bool http11 = req.version() >= 11;
+    bool head_request = req.method() == bhttp::verb::head;
+    auto length = parser.content_length();
+    bool has_body = parser.chunked() || (length && *length > 0);
+    bool expect_continue = beast::iequals(req[bhttp::field::expect], "100-continue");
+
+    frame::request_head head{std::string(req.method_string()), std::move(*target),
+                             taser::http::end_to_end_fields(req, {"expect"})};
+
+    auto session = co_await st.pool.acquire(st.opt.bridge_wait);
+    if (!session) {
+        ++st.stats.requests_no_bridge;
+        log::write_limited(log::level::warn, "no_bridge",
+                           {{"conn", c.conn}, {"wait_ms", st.opt.bridge_wait.count()}});
+        // An unread body leaves the connection unusable for another request.
+        co_return co_await c.fail(503, "no bridge to the vault is connected; retry later",
+                                  has_body || !keep_alive, 1);
+    }
+    auto opened = session->open(head, !has_body);
+    if (!opened) {
+        if (opened.error() == errc::frame_size_error) {
+            co_return co_await c.fail(431, "request header fields too large for the tunnel", true);
+        }
+        co_return co_await c.fail(503, "bridge cannot take more requests; retry later",
+                                  has_body || !keep_alive, 1);
+    }
+    auto s = *opened;
+
+    if (expect_continue && has_body) {
+        if (co_await c.write(asio::buffer(continue_100))) {
+            s->reset(errc::cancel);
+            co_return false;
+        }
+    }
+
+    // The body goes up while the response may already come down (Vault may answer early).
+    bool upload_ok = !has_body;
+    bool upload_running = has_body;
+    bool body_too_large = false;
+    net::event upload_finished(st.io.get_executor());
+    if (has_body) {
+        net::spawn(
+            st.io.get_executor(),
+            [&, s]() -> asio::awaitable<void> {
+                upload_ok = co_await upload(c, parser, s, body_too_large);
+                upload_running = false;
+                upload_finished.notify();
+            },
+            "client_upload");
+    }
+
+    auto out = co_await download(c, s, head_request, http11, keep_alive);
+
+    if (upload_running) {
+        // The response is out (or failed) before the body was read: stop reading it. The
+        // connection cannot carry another request because the rest of the body is unread.
+        s->reset(errc::cancel);
+        beast::get_lowest_layer(c.stream).cancel();
+        while (upload_running) {
+            co_await upload_finished.wait();
+        }
+        out.keep_alive = false;
+    }
+    if (!upload_ok && body_too_large && out.status == 0) {
+        co_await c.fail(413, "request body larger than the broker's limit", true);
+        out.keep_alive = false;
+    }
+    if (!upload_ok) {
+        out.keep_alive = false;
+    }
+
+    if (log::enabled(log::level::debug)) {
+        auto elapsed = std::chrono::duration_cast<std::chrono::microseconds>(
+            std::chrono::steady_clock::now() - started);
+        auto path = taser::http::loggable_path(req.target());
+        log::debug("request", {{"conn", c.conn},
+                               {"bridge_conn", s->conn_id()},
+                               {"stream", s->id()},
+                               {"method", req.method_string()},
+                               {"path", path},
+                               {"status", out.status},
+                               {"complete", out.complete},
+                               {"response_bytes", out.body_bytes},
+                               {"duration_us", elapsed.count()}});
+    }
+    co_return out.complete && out.keep_alive;
+}
+
+// Reads the header block, rejecting what Beast's parser would accept but a vault might read
+// differently (obsolete line folding). Returns false when the connection should close.
+template <class Stream>
+asio::awaitable<bool> serve_one(client<Stream>& c, bool first) {
+    auto& opt = c.st.opt;
+    c.timers->arm(deadlines::read, first ? opt.header_timeout : opt.idle_timeout);
+    auto [ec, n] = co_await c.read_header_block(opt.max_header_bytes);
+    c.timers->disarm(deadlines::read);
+    if (ec) {
+        if (ec == asio::error::not_found) {
+            log::write_limited(log::level::warn, "request_rejected",
+                               {{"conn", c.conn}, {"peer", c.peer}, {"reason", "header too large"}});
+            co_await c.fail(431, "request header fields too large", true);
+        } else if (c.timers->expired()) {
+            log::debug("client_timeout", {{"conn", c.conn}, {"peer", c.peer}});
+        } else if (!ordinary_end(ec)) {
+            log::debug("client_read_failed", {{"conn", c.conn}, {"error", ec.message()}});
+        }
+        co_return false;
+    }
+    std::string_view block(static_cast<const char*>(c.buffer.data().data()), n);
+    if (block.find("\r\n ") != std::string_view::npos ||
+        block.find("\r\n\t") != std::string_view::npos) {
+        log::write_limited(log::level::warn, "request_rejected",
+                           {{"conn", c.conn}, {"peer", c.peer}, {"reason", "obsolete line folding"}});
+        co_await c.fail(400, "obsolete line folding in request header", true);
+        co_return false;
+    }
+
+    bhttp::request_parser<bhttp::buffer_body> parser;
+    parser.header_limit(static_cast<std::uint32_t>(opt.max_header_bytes));
+    parser.body_limit(opt.max_body_bytes);
+    error_code pec;
+    auto used = parser.put(asio::buffer(block), pec);
+    if (!pec && !parser.is_header_done()) {
+        pec = bhttp::error::partial_message;
+    }
+    if (pec) {
+        log::write_limited(log::level::warn, "request_rejected",
+                           {{"conn", c.conn}, {"peer", c.peer}, {"reason", pec.message()}});
+        unsigned status = pec == bhttp::error::body_limit ? 413 : 400;
+        co_await c.fail(status, "malformed request: " + pec.message(), true);
+        co_return false;
+    }
+    c.buffer.consume(used);
+    c.st.clients[c.conn].busy = true;
+    co_return co_await exchange(c, parser);
+}
+
+template <class Stream>
+asio::awaitable<void> serve_connection(client<Stream>& c) {
+    for (bool first = true;; first = false) {
+        c.st.clients[c.conn].busy = false;
+        if (c.st.draining) {
+            break;
+        }
+        if (!co_await serve_one(c, first)) {
+            break;
+        }
+    }
+}
+
+asio::awaitable<void> serve_client(state& st, tcp::socket socket, std::uint64_t conn) {
+    error_code ignored;
+    socket.set_option(tcp::no_delay(true), ignored);
+    auto endpoint = socket.remote_endpoint(ignored);
+    std::string peer = endpoint.address().is_v6()
+                           ? "[" + endpoint.address().to_string() + "]:" + std::to_string(endpoint.port())
+                           : endpoint.address().to_string() + ":" + std::to_string(endpoint.port());
+    log::debug("client_connected", {{"conn", conn}, {"peer", peer}});
+
+    if (!st.client_tls) {
+        auto timers = std::make_shared<deadlines>(st.io.get_executor(), [&socket] {
+            error_code e;
+            socket.close(e);
+        });
+        timers->start();
+        st.clients[conn].close = [&socket] {
+            error_code e;
+            socket.close(e);
+        };
+        client<tcp::socket> c{st, socket, conn, peer, timers, beast::flat_buffer(64 * 1024)};
+        co_await serve_connection(c);
+        timers->stop();
+        socket.shutdown(tcp::socket::shutdown_both, ignored);
+        co_return;
+    }
+
+    auto tls_context = st.client_tls;  // kept alive for this connection's lifetime
+    asio::ssl::stream<tcp::socket> stream(std::move(socket), *tls_context);
+    auto close_socket = [&stream] {
+        error_code e;
+        stream.lowest_layer().close(e);
+    };
+    auto timers = std::make_shared<deadlines>(st.io.get_executor(), close_socket);
+    timers->start();
+    st.clients[conn].close = close_socket;
+
+    timers->arm(deadlines::read, st.opt.header_timeout);
+    auto [ec] = co_await stream.async_handshake(asio::ssl::stream_base::server,
+                                                as_tuple(use_awaitable));
+    timers->disarm(deadlines::read);
+    if (ec) {
+        log::write_limited(log::level::warn, "client_handshake_failed",
+                           {{"conn", conn}, {"peer", peer}, {"error", ec.message()}});
+        ++st.stats.client_rejected_total;
+        timers->stop();
+        co_return;
+    }
+    client<asio::ssl::stream<tcp::socket>> c{st, stream, conn, peer, timers,
+                                             beast::flat_buffer(64 * 1024)};
+    co_await serve_connection(c);
+    // close_notify, bounded by the write deadline, so the client can tell the end from a cut.
+    timers->arm(deadlines::write, std::chrono::seconds(2));
+    co_await stream.async_shutdown(as_tuple(use_awaitable));
+    timers->stop();
+    close_socket();
+}
+
+}  // namespace
+
+asio::awaitable<void> accept_clients(state& st, tcp::acceptor& acceptor) {
+    for (;;) {
+        auto [ec, socket] = co_await acceptor.async_accept(as_tuple(use_awaitable));
+        if (ec) {
+            if (ec == asio::error::operation_aborted || !acceptor.is_open()) {
+                co_return;
+            }
+            log::write_limited(log::level::error, "accept_failed",
+                               {{"listener", "client"}, {"error", ec.message()}});
+            // Out of file descriptors or similar: back off instead of spinning.
+            asio::steady_timer pause(st.io.get_executor(), std::chrono::milliseconds(100));
+            co_await pause.async_wait(as_tuple(use_awaitable));
+            continue;
+        }
+        if (st.clients.size() >= st.opt.max_client_connections) {
+            ++st.stats.client_rejected_total;
+            log::write_limited(log::level::warn, "client_rejected",
+                               {{"reason", "max client connections reached"},
+                                {"limit", st.opt.max_client_connections}});
+            continue;  // the socket closes as it goes out of scope
+        }
+        auto conn = st.next_conn_id();
+        ++st.stats.client_connections_total;
+        st.clients[conn] = client_entry{true, {}};
+        net::spawn(
+            st.io.get_executor(),
+            [&st, conn, s = std::move(socket)]() mutable -> asio::awaitable<void> {
+                co_await serve_client(st, std::move(s), conn);
+                st.clients.erase(conn);
+                st.clients_idle.notify();
+                log::debug("client_closed", {{"conn", conn}});
+            },
+            "client_connection");
+    }
+}
+
+}  // namespace taser::broker

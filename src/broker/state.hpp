@@ -1,0 +1,66 @@
+// SPDX-License-Identifier: Apache-2.0
+// State that the broker's listeners share: options, connected bridges, counters.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ssl/context.hpp>
+
+#include "bridge_pool.hpp"
+#include "taser/broker/broker.hpp"
+#include "taser/net/event.hpp"
+
+namespace taser::broker {
+
+struct counters {
+    std::array<std::uint64_t, 6> responses_by_class{};  // index 1..5 for 1xx..5xx
+    std::uint64_t requests_total = 0;
+    std::uint64_t requests_no_bridge = 0;
+    std::uint64_t client_connections_total = 0;
+    std::uint64_t client_rejected_total = 0;
+    std::uint64_t bridge_connections_total = 0;
+    std::uint64_t bridge_rejected_total = 0;
+    std::uint64_t bytes_from_clients = 0;
+    std::uint64_t bytes_to_clients = 0;
+};
+
+// A client connection as the drain on SIGTERM sees it.
+struct client_entry {
+    bool busy = false;             // an exchange is running
+    std::function<void()> close;   // closes the socket at once
+};
+
+struct state {
+    state(asio::io_context& io_context, const options& o)
+        : io(io_context), opt(o), pool(io_context.get_executor()), clients_idle(io.get_executor()) {}
+
+    std::uint64_t next_conn_id() noexcept { return next_conn++; }
+
+    asio::io_context& io;
+    const options& opt;
+    bridge_pool pool;
+    std::shared_ptr<asio::ssl::context> client_tls;  // null in plaintext mode
+    std::shared_ptr<asio::ssl::context> bridge_tls;
+    frame::instance_id instance{};
+    std::string instance_hex;
+
+    std::uint64_t next_conn = 1;
+    bool draining = false;
+    std::size_t handshakes_in_progress = 0;
+    std::map<std::uint64_t, client_entry> clients;
+    net::event clients_idle;  // notified when a client connection ends
+    counters stats;
+};
+
+// Accepts and serves Vault API clients on the client port until the acceptor closes.
+asio::awaitable<void> accept_clients(state& st, asio::ip::tcp::acceptor& acceptor);
+
+// Accepts bridges on the bridge port until the acceptor closes.
+asio::awaitable<void> accept_bridges(state& st, asio::ip::tcp::acceptor& acceptor);
+
+}  // namespace taser::broker
