@@ -6,13 +6,16 @@
 #include <openssl/x509_vfy.h>
 
 #include <iostream>
+#include <map>
 #include <random>
 
 #include <boost/asio/connect.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/ssl.hpp>
 
+#include "taser/admin/admin.hpp"
 #include "taser/config/cli.hpp"
+#include "taser/metrics/metrics.hpp"
 #include "taser/log/log.hpp"
 #include "taser/mux/transport.hpp"
 #include "taser/net/deadlines.hpp"
@@ -51,8 +54,52 @@ struct bridge_state {
     std::uint64_t next_conn = 1;
     bool draining = false;
     std::vector<std::shared_ptr<mux::session>> sessions;
+    std::map<std::string, std::size_t> sessions_per_broker;  // by --broker-address
+    std::uint64_t connect_attempts = 0;
+    std::uint64_t connect_failures = 0;
     std::mt19937_64 random{std::random_device{}()};
 };
+
+std::string render_metrics(const bridge_state& st) {
+    using metrics::write_header;
+    using metrics::write_sample;
+    std::string out;
+    write_header(out, "taser_brokers_connected", "gauge", "Broker sessions connected now.");
+    write_sample(out, "taser_brokers_connected", "", std::uint64_t{st.sessions.size()});
+    write_header(out, "taser_connect_attempts_total", "counter", "Dial attempts to brokers.");
+    write_sample(out, "taser_connect_attempts_total", "", st.connect_attempts);
+    write_header(out, "taser_connect_failures_total", "counter",
+                 "Dial attempts that ended before a session was established.");
+    write_sample(out, "taser_connect_failures_total", "", st.connect_failures);
+    std::uint64_t streams = 0;
+    for (const auto& s : st.sessions) {
+        streams += s->open_streams();
+    }
+    write_header(out, "taser_streams_open", "gauge", "Streams open on all broker sessions.");
+    write_sample(out, "taser_streams_open", "", streams);
+    write_header(out, "taser_tunnel_rtt_seconds", "gauge",
+                 "Round-trip time of the last PING on each broker session.");
+    for (const auto& s : st.sessions) {
+        if (auto rtt = s->rtt()) {
+            write_sample(out, "taser_tunnel_rtt_seconds",
+                         "broker=\"" + net::to_hex(s->peer_hello().instance) + "\"",
+                         std::chrono::duration<double>(*rtt).count());
+        }
+    }
+    write_header(out, "taser_vault_connections_open", "gauge", "Connections to the vault now.");
+    write_sample(out, "taser_vault_connections_open", "",
+                 std::uint64_t{st.vault.open_connections()});
+    write_header(out, "taser_vault_responses_total", "counter",
+                 "Responses from the vault, by status class.");
+    for (std::size_t c = 1; c <= 5; ++c) {
+        write_sample(out, "taser_vault_responses_total", "class=\"" + std::to_string(c) + "xx\"",
+                     st.vault.responses_by_class()[c]);
+    }
+    write_header(out, "taser_vault_unreachable_total", "counter",
+                 "Requests answered 503 because the vault could not be reached.");
+    write_sample(out, "taser_vault_unreachable_total", "", st.vault.vault_unreachable());
+    return out;
+}
 
 po::options_description describe() {
     po::options_description desc("taser bridge options");
@@ -92,7 +139,12 @@ po::options_description describe() {
          "streams open at once on one tunnel")
         ("instance-id", s(""), "name of this bridge (default: random)")
         ("drain-timeout", s("30s"),
-         "after SIGTERM, how long running requests may take to finish (duration)");
+         "after SIGTERM, how long running requests may take to finish (duration)")
+        ("admin-listen", s("off"),
+         "HOST:PORT for /healthz, /readyz and /metrics, on a loopback address unless "
+         "--admin-allow-remote; 'off' disables it")
+        ("admin-allow-remote", po::bool_switch(),
+         "allow --admin-listen on an address other than loopback");
     config::add_common_options(desc);
     return desc;
 }
@@ -167,6 +219,18 @@ options to_options(const po::variables_map& vm) {
     o.settings.max_header_block = o.settings.max_frame_payload;
     o.instance_name = str("instance-id");
     o.drain_timeout = duration("drain-timeout");
+    o.admin_allow_remote = vm["admin-allow-remote"].as<bool>();
+    if (auto admin = str("admin-listen"); admin != "off" && !admin.empty()) {
+        o.admin_listen = config::parse_host_port("admin-listen", admin);
+        boost::system::error_code ec;
+        auto address = asio::ip::make_address(o.admin_listen->host, ec);
+        bool loopback = o.admin_listen->host == "localhost" || (!ec && address.is_loopback());
+        if (!loopback && !o.admin_allow_remote) {
+            throw config::invalid_value("--admin-listen " + admin +
+                                        " is not a loopback address; the bridge opens no "
+                                        "other port unless --admin-allow-remote is given");
+        }
+    }
     return o;
 }
 
@@ -184,7 +248,9 @@ asio::awaitable<std::chrono::steady_clock::duration> dial_once(bridge_state& st,
                                                                const config::host_port& broker) {
     auto conn = st.next_conn++;
     auto address = broker.to_string();
+    ++st.connect_attempts;
     auto fail = [&](std::string_view stage, std::string_view error) {
+        ++st.connect_failures;
         log::write_limited(log::level::warn, "connect_failed", {{"conn", conn},
                                                                 {"broker", address},
                                                                 {"stage", stage},
@@ -276,7 +342,9 @@ asio::awaitable<std::chrono::steady_clock::duration> dial_once(bridge_state& st,
                                    {"replicas", session->peer_hello().settings.replicas},
                                    {"certificate", tls::describe_certificate(cert)}});
     st.sessions.push_back(session);
+    ++st.sessions_per_broker[address];
     auto reason = co_await session->run();
+    --st.sessions_per_broker[address];
     std::erase(st.sessions, session);
     auto lasted = std::chrono::steady_clock::now() - started;
     log::info("broker_disconnected",
@@ -365,6 +433,34 @@ int run(const options& o) {
                                  {"brokers", o.brokers.size()}});
     for (const auto& b : o.brokers) {
         net::spawn(io.get_executor(), keep_connected(st, b), "keep_connected");
+    }
+
+    tcp::acceptor admin_acceptor(io);
+    if (o.admin_listen) {
+        try {
+            net::listen(admin_acceptor, *o.admin_listen);
+        } catch (const boost::system::system_error& e) {
+            log::error("listen_failed", {{"error", e.what()}});
+            std::cerr << "taser bridge: " << e.what() << "\n";
+            return 1;
+        }
+        log::info("listener_started",
+                  {{"listener", "admin"}, {"address", net::local_address(admin_acceptor)}});
+        // Ready while every broker address has a session.
+        admin::handlers h{[&st] {
+                              if (st.draining) {
+                                  return false;
+                              }
+                              for (const auto& b : st.opt.brokers) {
+                                  auto it = st.sessions_per_broker.find(b.to_string());
+                                  if (it == st.sessions_per_broker.end() || it->second == 0) {
+                                      return false;
+                                  }
+                              }
+                              return true;
+                          },
+                          [&st] { return render_metrics(st); }};
+        net::spawn(io.get_executor(), admin::serve(admin_acceptor, std::move(h)), "admin");
     }
 
     asio::signal_set signals(io, SIGTERM, SIGINT);

@@ -62,6 +62,7 @@ void respond_error(const std::shared_ptr<mux::stream>& s, unsigned status,
 }
 
 struct exchange_result {
+    unsigned status = 0;  // the vault's final status, 0 when none arrived
     bool reusable = false;
     bool nothing_received = true;  // the vault sent no byte of a response
     bool request_sent = false;     // head written to the vault
@@ -246,6 +247,7 @@ asio::awaitable<exchange_result> exchange(Stream& sock, vault_connection& vc,
         result.nothing_received = false;
         auto& res = parser->get();
         auto status = static_cast<std::uint16_t>(res.result_int());
+        result.status = status;
         frame::response_head rh{status, taser::http::end_to_end_fields(res)};
         auto content_length = parser->content_length();
         bool no_body = head_request || status == 204 || status == 304 ||
@@ -436,6 +438,7 @@ asio::awaitable<void> vault_client::serve(std::shared_ptr<mux::stream> s) {
         error_code ec;
         auto c = co_await acquire(ec);
         if (!c) {
+            ++unreachable_;
             log::write_limited(log::level::error, "vault_unreachable",
                                {{"address", options_.vault.authority.to_string()},
                                 {"error", ec.message()}});
@@ -446,6 +449,9 @@ asio::awaitable<void> vault_client::serve(std::shared_ptr<mux::stream> s) {
         exchange_result r = c->tls ? co_await exchange(*c->tls, *c, s, options_)
                                    : co_await exchange(*c->plain, *c, s, options_);
         release(std::move(c), r.reusable);
+        if (r.status >= 100 && r.status < 600) {
+            ++by_class_[r.status / 100];
+        }
         if (!r.ec) {
             co_return;
         }

@@ -3,6 +3,7 @@
 // over a small pool of keep-alive connections.
 #pragma once
 
+#include <array>
 #include <chrono>
 #include <deque>
 #include <memory>
@@ -41,6 +42,9 @@ public:
     asio::awaitable<void> serve(std::shared_ptr<mux::stream> s);
 
     std::size_t open_connections() const noexcept { return open_; }
+    // Responses from the vault by status class (index 1..5), and requests that found no vault.
+    const std::array<std::uint64_t, 6>& responses_by_class() const noexcept { return by_class_; }
+    std::uint64_t vault_unreachable() const noexcept { return unreachable_; }
 
 private:
     asio::awaitable<std::unique_ptr<vault_connection>> acquire(error_code& ec);
@@ -53,6 +57,8 @@ private:
     std::deque<std::unique_ptr<vault_connection>> idle_;
     std::size_t open_ = 0;
     net::event slot_freed_;
+    std::array<std::uint64_t, 6> by_class_{};
+    std::uint64_t unreachable_ = 0;
 };
 
 }  // namespace taser::bridge

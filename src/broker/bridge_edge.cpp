@@ -32,6 +32,11 @@ std::string format_peer(const tcp::endpoint& e) {
 
 void reject(state& st, std::string_view peer, std::string_view reason, std::string_view detail) {
     ++st.stats.bridge_rejected_total;
+    auto it = st.stats.bridge_rejected_by_reason.find(reason);
+    if (it == st.stats.bridge_rejected_by_reason.end()) {
+        it = st.stats.bridge_rejected_by_reason.emplace(std::string(reason), 0).first;
+    }
+    ++it->second;
     log::write_limited(log::level::warn, "bridge_rejected",
                        {{"peer", peer}, {"reason", reason}, {"error", detail}});
 }

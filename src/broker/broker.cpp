@@ -7,6 +7,7 @@
 #include <boost/asio/signal_set.hpp>
 
 #include "state.hpp"
+#include "taser/admin/admin.hpp"
 #include "taser/config/cli.hpp"
 #include "taser/log/log.hpp"
 #include "taser/net/listen.hpp"
@@ -70,7 +71,9 @@ po::options_description describe() {
         ("replicas", po::value<std::uint32_t>()->default_value(1),
          "how many broker replicas serve the same address, announced to bridges")
         ("drain-timeout", s("30s"),
-         "after SIGTERM, how long running requests may take to finish (duration)");
+         "after SIGTERM, how long running requests may take to finish (duration)")
+        ("admin-listen", s("0.0.0.0:9090"),
+         "HOST:PORT for /healthz, /readyz and /metrics; 'off' disables it");
     config::add_common_options(desc);
     return desc;
 }
@@ -150,6 +153,11 @@ options to_options(const po::variables_map& vm) {
     o.instance_name = str("instance-id");
     o.replicas = vm["replicas"].as<std::uint32_t>();
     o.drain_timeout = duration("drain-timeout");
+    if (auto admin = str("admin-listen"); admin == "off" || admin.empty()) {
+        o.admin_listen.reset();
+    } else {
+        o.admin_listen = config::parse_host_port("admin-listen", admin);
+    }
     return o;
 }
 
@@ -206,9 +214,13 @@ int run(const options& o) {
 
     tcp::acceptor client_acceptor(io);
     tcp::acceptor bridge_acceptor(io);
+    tcp::acceptor admin_acceptor(io);
     try {
         net::listen(client_acceptor, o.listen);
         net::listen(bridge_acceptor, o.bridge_listen);
+        if (o.admin_listen) {
+            net::listen(admin_acceptor, *o.admin_listen);
+        }
     } catch (const boost::system::system_error& e) {
         log::error("listen_failed", {{"error", e.what()}});
         std::cerr << "taser broker: " << e.what() << "\n";
@@ -223,6 +235,13 @@ int run(const options& o) {
     log::info("listener_started",
               {{"listener", "bridge"}, {"address", net::local_address(bridge_acceptor)}});
 
+    if (o.admin_listen) {
+        log::info("listener_started",
+                  {{"listener", "admin"}, {"address", net::local_address(admin_acceptor)}});
+        admin::handlers h{[&st] { return !st.draining && st.pool.ready_count() > 0; },
+                          [&st] { return render_metrics(st); }};
+        net::spawn(io.get_executor(), admin::serve(admin_acceptor, std::move(h)), "admin");
+    }
     net::spawn(io.get_executor(), accept_clients(st, client_acceptor), "accept_clients");
     net::spawn(io.get_executor(), accept_bridges(st, bridge_acceptor), "accept_bridges");
 

@@ -417,6 +417,7 @@ asio::awaitable<bool> exchange(client<Stream>& c, bhttp::request_parser<bhttp::b
         out.keep_alive = false;
     }
 
+    st.stats.request_duration.observe(std::chrono::steady_clock::now() - started);
     if (log::enabled(log::level::debug)) {
         auto elapsed = std::chrono::duration_cast<std::chrono::microseconds>(
             std::chrono::steady_clock::now() - started);

@@ -13,6 +13,7 @@
 
 #include "bridge_pool.hpp"
 #include "taser/broker/broker.hpp"
+#include "taser/metrics/metrics.hpp"
 #include "taser/net/event.hpp"
 
 namespace taser::broker {
@@ -27,6 +28,8 @@ struct counters {
     std::uint64_t bridge_rejected_total = 0;
     std::uint64_t bytes_from_clients = 0;
     std::uint64_t bytes_to_clients = 0;
+    std::map<std::string, std::uint64_t, std::less<>> bridge_rejected_by_reason;
+    metrics::histogram request_duration;
 };
 
 // A client connection as the drain on SIGTERM sees it.
@@ -56,6 +59,9 @@ struct state {
     net::event clients_idle;  // notified when a client connection ends
     counters stats;
 };
+
+// Returns the broker's metrics in Prometheus text format.
+std::string render_metrics(const state& st);
 
 // Accepts and serves Vault API clients on the client port until the acceptor closes.
 asio::awaitable<void> accept_clients(state& st, asio::ip::tcp::acceptor& acceptor);

@@ -7,6 +7,7 @@ first, SIGKILL after a timeout. Every wait in this module has a deadline.
 from __future__ import annotations
 
 import atexit
+import http.client
 import json
 import os
 import re
@@ -411,10 +412,13 @@ class Broker(ManagedProcess):
             str(certs / "broker-key.pem"),
             "--bridge-ca",
             str(certs / "ca.pem"),
+            "--admin-listen",
+            "127.0.0.1:0",
             "--log-level",
             "debug",
             *extra_args,
         ]
+        self.admin_port = 0
         super().__init__(name, argv, work_dir / f"{name}.log", env=env)
 
     def start(self, timeout: float = START_TIMEOUT) -> "Broker":
@@ -423,7 +427,19 @@ class Broker(ManagedProcess):
         bridge = self.wait_for_event("listener_started", timeout, listener="bridge")
         self.client_port = parse_host_port(client["address"])[1]
         self.bridge_port = parse_host_port(bridge["address"])[1]
+        admin = self.wait_for_event("listener_started", timeout, listener="admin")
+        self.admin_port = parse_host_port(admin["address"])[1]
         return self
+
+    def admin_get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
+        """GETs a path of the admin listener; returns the status and the body text."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=timeout)
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            return response.status, response.read().decode()
+        finally:
+            conn.close()
 
     @property
     def url(self) -> str:

@@ -1354,6 +1354,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--tls-cert", help="PEM certificate chain file. Enables TLS with --tls-key")
     parser.add_argument("--tls-key", help="PEM private key for --tls-cert")
+
     parser.add_argument(
         "--token",
         action="append",
@@ -1367,10 +1368,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ROLE_ID:SECRET_ID",
         help="accepted AppRole credentials, repeatable (default: accept any role_id)",
     )
+
     parser.add_argument("--record", metavar="FILE", help="append one JSON line per request here")
     parser.add_argument(
         "--ready-file", metavar="FILE", help="write the bound port here once listening"
     )
+
     parser.add_argument(
         "--idle-timeout",
         type=float,
@@ -1379,6 +1382,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="close a connection when one socket read or write takes longer "
         "(default: %(default)s)",
     )
+
     parser.add_argument("--standby-redirect", metavar="URL", help="start in standby_redirect mode")
     parser.add_argument("--sealed", action="store_true", help="start in sealed mode")
     parser.add_argument("--rate-limited", action="store_true", help="start in rate_limited mode")
@@ -1386,6 +1390,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--index-required", action="store_true", help="start in index_required mode"
     )
     parser.add_argument("--repeat-index", action="store_true", help="start in repeat_index mode")
+
     parser.add_argument(
         "--log-level",
         default="INFO",
@@ -1436,12 +1441,22 @@ def main(argv: list[str] | None = None) -> int:
     tls_context = None
     if args.tls_cert:
         tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        tls_context.load_cert_chain(args.tls_cert, args.tls_key)
+        try:
+            tls_context.load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as error:
+            parser.error(f"failed to load --tls-cert {args.tls_cert} or --tls-key: {error}")
         tls_context.set_alpn_protocols(["http/1.1"])
+    try:
+        recorder = Recorder(args.record) if args.record else None
+    except OSError as error:
+        parser.error(f"failed to open --record file: {error}")
 
     state = StandinState(args.token or ["root"], dict(args.approle), modes)
-    recorder = Recorder(args.record) if args.record else None
-    server = StandinServer((host, port), family, state, recorder, args.idle_timeout)
+    try:
+        server = StandinServer((host, port), family, state, recorder, args.idle_timeout)
+    except OSError as error:
+        LOG.error("failed to listen on %s: %s", args.listen, error)
+        return 1
     if tls_context is not None:
         # The handshake runs in the connection thread, so a stalled client cannot block accept.
         server.socket = tls_context.wrap_socket(

@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -41,6 +42,10 @@ struct options {
     std::string instance_name;
 
     std::chrono::milliseconds drain_timeout = 30s;
+
+    // Admin listener (/healthz, /readyz, /metrics); off unless set, loopback unless allowed.
+    std::optional<config::host_port> admin_listen;
+    bool admin_allow_remote = false;
 };
 
 int main(int argc, char** argv);

@@ -50,6 +50,9 @@ struct options {
     std::uint32_t replicas = 1;
 
     std::chrono::milliseconds drain_timeout = 30s;
+
+    // Admin listener (/healthz, /readyz, /metrics); none when empty.
+    std::optional<config::host_port> admin_listen = config::host_port{"0.0.0.0", 9090, false};
 };
 
 // Parses the broker's command line, environment and config file, then runs until SIGTERM.
