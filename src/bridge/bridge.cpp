@@ -95,6 +95,8 @@ std::string render_metrics(const bridge_state& st) {
         write_sample(out, "taser_vault_responses_total", "class=\"" + std::to_string(c) + "xx\"",
                      st.vault.responses_by_class()[c]);
     }
+    write_header(out, "taser_tunnels_total", "counter", "Byte tunnels connected to the vault.");
+    write_sample(out, "taser_tunnels_total", "", st.vault.tunnels());
     write_header(out, "taser_vault_unreachable_total", "counter",
                  "Requests answered 503 because the vault could not be reached.");
     write_sample(out, "taser_vault_unreachable_total", "", st.vault.vault_unreachable());
@@ -120,6 +122,9 @@ po::options_description describe() {
          "the vault's API address; the only place the bridge sends requests")
         ("vault-ca", po::value<std::string>(), "CA bundle (PEM) of the vault's certificate, for "
                                                "an https vault address")
+        ("allow-tunnels", po::bool_switch(),
+         "accept byte tunnels (a broker's passthrough edge and CONNECT); each one connects to "
+         "the host and port of --vault-address and nowhere else")
         ("vault-max-connections", po::value<std::size_t>()->default_value(128),
          "connections to the vault at once; further requests wait for one")
         ("vault-max-idle", po::value<std::size_t>()->default_value(32),
@@ -183,6 +188,7 @@ options to_options(const po::variables_map& vm) {
     o.tls_min = tls::parse_min_version("tls-min-version", str("tls-min-version"));
     o.vault = config::parse_url("vault-address", str("vault-address"));
     o.vault_ca = optional_string(vm, "vault-ca");
+    o.allow_tunnels = vm["allow-tunnels"].as<bool>();
     o.vault_max_connections = vm["vault-max-connections"].as<std::size_t>();
     o.vault_max_idle = vm["vault-max-idle"].as<std::size_t>();
     if (o.vault_max_connections == 0) {

@@ -12,6 +12,7 @@
 
 #include "taser/http/message.hpp"
 #include "taser/log/log.hpp"
+#include "taser/mux/relay.hpp"
 #include "taser/net/deadlines.hpp"
 #include "taser/net/spawn.hpp"
 
@@ -416,12 +417,63 @@ void vault_client::release(std::unique_ptr<vault_connection> c, bool reusable) {
     slot_freed_.notify();
 }
 
+asio::awaitable<void> vault_client::tunnel(std::shared_ptr<mux::stream> s) {
+    // The authority that the stream names is ignored on purpose: a tunnel always ends at the
+    // vault's address, whatever a broker asks for.
+    const auto& where = options_.vault.authority;
+    tcp::resolver resolver(executor_);
+    auto [rec, endpoints] = co_await resolver.async_resolve(where.host, std::to_string(where.port),
+                                                            as_tuple(use_awaitable));
+    tcp::socket socket(executor_);
+    auto timers = std::make_shared<deadlines>(executor_, [&socket] {
+        error_code e;
+        socket.close(e);
+    });
+    timers->start();
+    error_code ec = rec;
+    if (!ec) {
+        timers->arm(deadlines::write, options_.connect_timeout);
+        auto [cec, endpoint] = co_await asio::async_connect(socket, endpoints,
+                                                            as_tuple(use_awaitable));
+        timers->disarm(deadlines::write);
+        ec = timers->expired() ? make_error_code(errc::timeout) : cec;
+    }
+    if (ec) {
+        timers->stop();
+        ++unreachable_;
+        log::write_limited(log::level::error, "vault_unreachable",
+                           {{"address", where.to_string()}, {"error", ec.message()}});
+        respond_error(s, 503, "the bridge cannot reach the vault: " + ec.message(), 1);
+        co_return;
+    }
+    error_code ignored;
+    socket.set_option(tcp::no_delay(true), ignored);
+    if (s->write_response_head({200, {}}, false)) {
+        timers->stop();
+        co_return;
+    }
+    ++tunnels_;
+    auto counts = co_await mux::relay(socket, s, *timers, options_.request_timeout);
+    timers->stop();
+    log::debug("tunnel_closed", {{"conn", s->conn_id()},
+                                 {"stream", s->id()},
+                                 {"bytes_up", counts.from_stream},
+                                 {"bytes_down", counts.to_stream},
+                                 {"clean", counts.clean}});
+}
+
 asio::awaitable<void> vault_client::serve(std::shared_ptr<mux::stream> s) {
     const auto& req = s->request();
     if (req.method == "CONNECT") {
-        log::write_limited(log::level::warn, "connect_rejected",
-                           {{"conn", s->conn_id()}, {"stream", s->id()}});
-        respond_error(s, 403, "CONNECT is not enabled on this bridge");
+        if (!options_.allow_tunnels) {
+            log::write_limited(log::level::warn, "tunnel_rejected",
+                               {{"conn", s->conn_id()},
+                                {"stream", s->id()},
+                                {"reason", "byte tunnels are not enabled (--allow-tunnels)"}});
+            respond_error(s, 403, "byte tunnels are not enabled on this bridge");
+            co_return;
+        }
+        co_await tunnel(std::move(s));
         co_return;
     }
     // Only origin-form targets reach the vault: whatever authority a request names, the

@@ -46,7 +46,11 @@ public:
     const std::array<std::uint64_t, 6>& responses_by_class() const noexcept { return by_class_; }
     std::uint64_t vault_unreachable() const noexcept { return unreachable_; }
 
+    std::uint64_t tunnels() const noexcept { return tunnels_; }
+
 private:
+    // Connects the stream's bytes to the vault address: CONNECT and passthrough.
+    asio::awaitable<void> tunnel(std::shared_ptr<mux::stream> s);
     asio::awaitable<std::unique_ptr<vault_connection>> acquire(error_code& ec);
     asio::awaitable<std::unique_ptr<vault_connection>> connect(error_code& ec);
     void release(std::unique_ptr<vault_connection> c, bool reusable);
@@ -59,6 +63,7 @@ private:
     net::event slot_freed_;
     std::array<std::uint64_t, 6> by_class_{};
     std::uint64_t unreachable_ = 0;
+    std::uint64_t tunnels_ = 0;
 };
 
 }  // namespace taser::bridge

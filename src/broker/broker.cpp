@@ -30,6 +30,14 @@ po::options_description describe() {
     auto s = [](const char* v) { return po::value<std::string>()->default_value(v); };
     desc.add_options()
         ("listen", s("0.0.0.0:8443"), "HOST:PORT for Vault API clients (pods)")
+        ("client-edge", s("http"),
+         "what --listen does: 'http' terminates TLS and forwards each request; 'passthrough' "
+         "carries each connection's bytes unread to the vault's own TLS listener")
+        ("passthrough-listen", po::value<std::string>(),
+         "HOST:PORT of a second client listener in passthrough mode, beside an http --listen")
+        ("allow-connect", po::value<std::vector<std::string>>(),
+         "HOST:PORT that clients may name in CONNECT (repeatable; the bridge still connects only "
+         "to its vault address); CONNECT is rejected without it")
         ("tls-cert", po::value<std::string>(), "certificate chain (PEM) of the client port")
         ("tls-key", po::value<std::string>(), "private key (PEM) of the client port")
         ("client-ca", po::value<std::string>(),
@@ -95,11 +103,36 @@ options to_options(const po::variables_map& vm) {
     auto str = [&](const char* name) { return vm[name].as<std::string>(); };
     auto duration = [&](const char* name) { return config::parse_duration(name, str(name)); };
     o.listen = config::parse_host_port("listen", str("listen"));
+    if (str("client-edge") == "passthrough") {
+        o.edge = client_edge::passthrough;
+    } else if (str("client-edge") != "http") {
+        throw config::invalid_value("invalid value '" + str("client-edge") +
+                                    "' for --client-edge: expected http or passthrough");
+    }
+    if (vm.count("passthrough-listen")) {
+        if (o.edge == client_edge::passthrough) {
+            throw config::invalid_value(
+                "--passthrough-listen adds a passthrough listener beside an http --listen; with "
+                "--client-edge passthrough it is not needed");
+        }
+        o.passthrough_listen =
+            config::parse_host_port("passthrough-listen", vm["passthrough-listen"].as<std::string>());
+    }
+    if (vm.count("allow-connect")) {
+        for (const auto& a : vm["allow-connect"].as<std::vector<std::string>>()) {
+            o.connect_authorities.push_back(config::parse_host_port("allow-connect", a));
+        }
+    }
     o.tls_cert = optional_string(vm, "tls-cert");
     o.tls_key = optional_string(vm, "tls-key");
     o.client_ca = optional_string(vm, "client-ca");
     o.plaintext = vm["plaintext"].as<bool>();
-    if (!o.plaintext && (o.tls_cert.empty() || o.tls_key.empty())) {
+    bool needs_tls = o.edge == client_edge::http && !o.plaintext;
+    if (o.edge == client_edge::passthrough && (o.plaintext || !o.tls_cert.empty())) {
+        throw config::invalid_value("--client-edge passthrough never terminates TLS: drop "
+                                    "--plaintext, --tls-cert and --tls-key");
+    }
+    if (needs_tls && (o.tls_cert.empty() || o.tls_key.empty())) {
         throw config::invalid_value(
             "the client port needs --tls-cert and --tls-key, or --plaintext for plain HTTP");
     }
@@ -172,10 +205,12 @@ int parse_and_run(int argc, char** argv) {
 
 // After SIGTERM: no new clients or bridges, GOAWAY to bridges, running requests finish up to
 // the drain deadline, then the process ends.
-asio::awaitable<void> drain(state& st, tcp::acceptor& clients, tcp::acceptor& bridges) {
+asio::awaitable<void> drain(state& st, tcp::acceptor& clients, tcp::acceptor& passthrough,
+                            tcp::acceptor& bridges) {
     st.draining = true;
     error_code ignored;
     clients.close(ignored);
+    passthrough.close(ignored);
     bridges.close(ignored);
     st.pool.goaway_all();
     for (auto& [id, entry] : st.clients) {
@@ -205,7 +240,7 @@ int run(const options& o) {
     st.instance = net::make_instance_id(o.instance_name);
     st.instance_hex = net::to_hex(st.instance);
 
-    if (!o.plaintext) {
+    if (o.edge == client_edge::http && !o.plaintext) {
         st.client_tls = tls::make_server_context(
             {o.tls_cert, o.tls_key, o.client_ca, false, tls::min_version::tls1_2, "http/1.1", false});
     }
@@ -215,8 +250,12 @@ int run(const options& o) {
     tcp::acceptor client_acceptor(io);
     tcp::acceptor bridge_acceptor(io);
     tcp::acceptor admin_acceptor(io);
+    tcp::acceptor passthrough_acceptor(io);
     try {
         net::listen(client_acceptor, o.listen);
+        if (o.passthrough_listen) {
+            net::listen(passthrough_acceptor, *o.passthrough_listen);
+        }
         net::listen(bridge_acceptor, o.bridge_listen);
         if (o.admin_listen) {
             net::listen(admin_acceptor, *o.admin_listen);
@@ -229,7 +268,9 @@ int run(const options& o) {
     log::info("broker_started", {{"version", taser::version},
                                  {"instance", st.instance_hex},
                                  {"replicas", o.replicas},
-                                 {"client_edge", o.plaintext ? "http" : "https"}});
+                                 {"client_edge", o.edge == client_edge::passthrough ? "passthrough"
+                                                 : o.plaintext                          ? "http"
+                                                                                        : "https"}});
     log::info("listener_started",
               {{"listener", "client"}, {"address", net::local_address(client_acceptor)}});
     log::info("listener_started",
@@ -242,7 +283,14 @@ int run(const options& o) {
                           [&st] { return render_metrics(st); }};
         net::spawn(io.get_executor(), admin::serve(admin_acceptor, std::move(h)), "admin");
     }
-    net::spawn(io.get_executor(), accept_clients(st, client_acceptor), "accept_clients");
+    net::spawn(io.get_executor(), accept_clients(st, client_acceptor, o.edge), "accept_clients");
+    if (o.passthrough_listen) {
+        log::info("listener_started", {{"listener", "passthrough"},
+                                       {"address", net::local_address(passthrough_acceptor)}});
+        net::spawn(io.get_executor(),
+                   accept_clients(st, passthrough_acceptor, client_edge::passthrough),
+                   "accept_passthrough");
+    }
     net::spawn(io.get_executor(), accept_bridges(st, bridge_acceptor), "accept_bridges");
 
     asio::signal_set signals(io, SIGTERM, SIGINT);
@@ -259,7 +307,7 @@ int run(const options& o) {
         log::info("drain_started", {{"signal", number},
                                     {"drain_timeout_ms", o.drain_timeout.count()},
                                     {"clients", st.clients.size()}});
-        net::spawn(io.get_executor(), drain(st, client_acceptor, bridge_acceptor), "drain");
+        net::spawn(io.get_executor(), drain(st, client_acceptor, passthrough_acceptor, bridge_acceptor), "drain");
         signals.async_wait(on_signal);
     };
     signals.async_wait(on_signal);

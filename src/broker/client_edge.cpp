@@ -9,7 +9,9 @@
 #include <boost/beast/ssl.hpp>
 
 #include "state.hpp"
+#include "taser/config/parse.hpp"
 #include "taser/http/message.hpp"
+#include "taser/mux/relay.hpp"
 #include "taser/log/log.hpp"
 #include "taser/net/deadlines.hpp"
 #include "taser/net/spawn.hpp"
@@ -303,6 +305,99 @@ asio::awaitable<response_outcome> download(client<Stream>& c, std::shared_ptr<mu
     co_return out;
 }
 
+// Opens a byte tunnel stream and waits until the bridge reports that it reached the vault.
+// Returns the stream, or null with the reason in `status` (503: no bridge, 502: the bridge
+// could not reach the vault or refused).
+asio::awaitable<std::shared_ptr<mux::stream>> open_tunnel(state& st, std::uint64_t conn,
+                                                          std::string authority, unsigned& status) {
+    using namespace asio::experimental::awaitable_operators;
+    auto session = co_await st.pool.acquire(st.opt.bridge_wait);
+    if (!session) {
+        ++st.stats.requests_no_bridge;
+        log::write_limited(log::level::warn, "no_bridge",
+                           {{"conn", conn}, {"wait_ms", st.opt.bridge_wait.count()}});
+        status = 503;
+        co_return nullptr;
+    }
+    auto opened = session->open({"CONNECT", std::move(authority), {}}, false);
+    if (!opened) {
+        status = 503;
+        co_return nullptr;
+    }
+    auto s = *opened;
+    auto head = co_await (s->read_response_head() || net::sleep(st.opt.request_timeout));
+    if (head.index() == 1 || !std::get<0>(head)) {
+        s->reset(errc::cancel);
+        status = 502;
+        co_return nullptr;
+    }
+    status = std::get<0>(head)->status;
+    if (status != 200) {
+        log::write_limited(log::level::warn, "tunnel_refused",
+                           {{"conn", conn}, {"stream", s->id()}, {"status", status}});
+        s->reset(errc::cancel);
+        co_return nullptr;
+    }
+    co_return s;
+}
+
+// Serves CONNECT: only to the authorities of --allow-connect, and the answer 200 is sent only
+// once the bridge reached the vault. The connection carries nothing else afterwards.
+template <class Stream>
+asio::awaitable<bool> connect_tunnel(client<Stream>& c, std::string authority) {
+    auto& st = c.st;
+    config::host_port asked;
+    bool valid = true;
+    try {
+        asked = config::parse_host_port("CONNECT", authority);
+    } catch (const config::invalid_value&) {
+        valid = false;
+    }
+    if (!valid) {
+        co_return co_await c.fail(400, "invalid CONNECT authority", true);
+    }
+    auto allowed = std::any_of(st.opt.connect_authorities.begin(),
+                               st.opt.connect_authorities.end(), [&](const config::host_port& a) {
+                                   return a.port == asked.port && beast::iequals(a.host, asked.host);
+                               });
+    if (!allowed) {
+        log::write_limited(log::level::warn, "request_rejected",
+                           {{"conn", c.conn},
+                            {"peer", c.peer},
+                            {"reason", "CONNECT to an authority not allowed"},
+                            {"authority", asked.to_string()}});
+        co_return co_await c.fail(403, "CONNECT is allowed only to the vault's address", true);
+    }
+
+    unsigned status = 0;
+    auto s = co_await open_tunnel(st, c.conn, asked.to_string(), status);
+    if (!s) {
+        co_return co_await c.fail(status == 503 ? 503 : 502,
+                                  status == 503 ? "no bridge to the vault is connected; retry later"
+                                                : "the bridge could not open a tunnel to the vault",
+                                  true, status == 503 ? 1 : 0);
+    }
+    c.count(200);
+    if (co_await c.write(asio::buffer(std::string_view("HTTP/1.1 200 Connection Established\r\n\r\n")))) {
+        s->reset(errc::cancel);
+        co_return false;
+    }
+    // Bytes the client sent right after its CONNECT head belong to the tunnel.
+    auto first = static_cast<const std::uint8_t*>(c.buffer.data().data());
+    std::vector<std::uint8_t> prefix(first, first + c.buffer.size());
+    c.buffer.consume(c.buffer.size());
+    ++st.stats.tunnels_total;
+    auto counts = co_await mux::relay(c.stream, s, *c.timers, st.opt.idle_timeout, std::move(prefix));
+    st.stats.tunnel_bytes_up += counts.to_stream;
+    st.stats.tunnel_bytes_down += counts.from_stream;
+    log::debug("tunnel_closed", {{"conn", c.conn},
+                                 {"stream", s->id()},
+                                 {"bytes_up", counts.to_stream},
+                                 {"bytes_down", counts.from_stream},
+                                 {"clean", counts.clean}});
+    co_return false;
+}
+
 // Serves one request whose header has been parsed. Returns whether the connection may serve
 // another request.
 template <class Stream>
@@ -334,9 +429,7 @@ asio::awaitable<bool> exchange(client<Stream>& c, bhttp::request_parser<bhttp::b
                                        "Transfer-Encoding)", true);
     }
     if (req.method() == bhttp::verb::connect) {
-        log::write_limited(log::level::warn, "request_rejected",
-                           {{"conn", c.conn}, {"peer", c.peer}, {"reason", "CONNECT not enabled"}});
-        co_return co_await c.fail(403, "CONNECT is not enabled on this broker", true);
+        co_return co_await connect_tunnel(c, std::string(req.target()));
     }
     auto target = taser::http::to_origin_form(req.target());
     if (!target) {
@@ -554,9 +647,45 @@ asio::awaitable<void> serve_client(state& st, tcp::socket socket, std::uint64_t 
     close_socket();
 }
 
+// Passthrough: the connection's bytes, TLS records of the client's own session with the vault,
+// go unread to the bridge as one tunnel stream.
+asio::awaitable<void> serve_passthrough(state& st, tcp::socket socket, std::uint64_t conn) {
+    error_code ignored;
+    socket.set_option(tcp::no_delay(true), ignored);
+    auto close_socket = [&socket] {
+        error_code e;
+        socket.close(e);
+    };
+    st.clients[conn].close = close_socket;
+    st.clients[conn].busy = true;
+    auto timers = std::make_shared<deadlines>(st.io.get_executor(), close_socket);
+    timers->start();
+
+    unsigned status = 0;
+    auto s = co_await open_tunnel(st, conn, "passthrough", status);
+    if (!s) {
+        // A clean close: the client sees a connection error and retries.
+        log::debug("passthrough_refused", {{"conn", conn}, {"status", status}});
+        timers->stop();
+        co_return;
+    }
+    ++st.stats.tunnels_total;
+    auto counts = co_await mux::relay(socket, s, *timers, st.opt.idle_timeout);
+    timers->stop();
+    st.stats.tunnel_bytes_up += counts.to_stream;
+    st.stats.tunnel_bytes_down += counts.from_stream;
+    st.stats.bytes_from_clients += counts.to_stream;
+    st.stats.bytes_to_clients += counts.from_stream;
+    log::debug("tunnel_closed", {{"conn", conn},
+                                 {"stream", s->id()},
+                                 {"bytes_up", counts.to_stream},
+                                 {"bytes_down", counts.from_stream},
+                                 {"clean", counts.clean}});
+}
+
 }  // namespace
 
-asio::awaitable<void> accept_clients(state& st, tcp::acceptor& acceptor) {
+asio::awaitable<void> accept_clients(state& st, tcp::acceptor& acceptor, client_edge edge) {
     for (;;) {
         auto [ec, socket] = co_await acceptor.async_accept(as_tuple(use_awaitable));
         if (ec) {
@@ -582,8 +711,12 @@ asio::awaitable<void> accept_clients(state& st, tcp::acceptor& acceptor) {
         st.clients[conn] = client_entry{true, {}};
         net::spawn(
             st.io.get_executor(),
-            [&st, conn, s = std::move(socket)]() mutable -> asio::awaitable<void> {
-                co_await serve_client(st, std::move(s), conn);
+            [&st, conn, edge, s = std::move(socket)]() mutable -> asio::awaitable<void> {
+                if (edge == client_edge::passthrough) {
+                    co_await serve_passthrough(st, std::move(s), conn);
+                } else {
+                    co_await serve_client(st, std::move(s), conn);
+                }
                 st.clients.erase(conn);
                 st.clients_idle.notify();
                 log::debug("client_closed", {{"conn", conn}});

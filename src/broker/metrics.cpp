@@ -69,6 +69,14 @@ std::string render_metrics(const state& st) {
     write_sample(out, "taser_client_bytes_total", "direction=\"in\"", s.bytes_from_clients);
     write_sample(out, "taser_client_bytes_total", "direction=\"out\"", s.bytes_to_clients);
 
+    write_header(out, "taser_tunnels_total", "counter",
+                 "Byte tunnels carried (passthrough connections and CONNECT).");
+    write_sample(out, "taser_tunnels_total", "", s.tunnels_total);
+    write_header(out, "taser_tunnel_bytes_total", "counter",
+                 "Bytes carried by byte tunnels, towards the vault (up) and back (down).");
+    write_sample(out, "taser_tunnel_bytes_total", "direction=\"up\"", s.tunnel_bytes_up);
+    write_sample(out, "taser_tunnel_bytes_total", "direction=\"down\"", s.tunnel_bytes_down);
+
     s.request_duration.write(out, "taser_request_duration_seconds",
                              "Time from a request's header to the end of its response.");
     return out;

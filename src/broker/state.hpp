@@ -26,6 +26,9 @@ struct counters {
     std::uint64_t client_rejected_total = 0;
     std::uint64_t bridge_connections_total = 0;
     std::uint64_t bridge_rejected_total = 0;
+    std::uint64_t tunnels_total = 0;  // CONNECT and passthrough connections carried
+    std::uint64_t tunnel_bytes_up = 0;
+    std::uint64_t tunnel_bytes_down = 0;
     std::uint64_t bytes_from_clients = 0;
     std::uint64_t bytes_to_clients = 0;
     std::map<std::string, std::uint64_t, std::less<>> bridge_rejected_by_reason;
@@ -63,8 +66,9 @@ struct state {
 // Returns the broker's metrics in Prometheus text format.
 std::string render_metrics(const state& st);
 
-// Accepts and serves Vault API clients on the client port until the acceptor closes.
-asio::awaitable<void> accept_clients(state& st, asio::ip::tcp::acceptor& acceptor);
+// Accepts and serves Vault API clients on a client port until the acceptor closes.
+asio::awaitable<void> accept_clients(state& st, asio::ip::tcp::acceptor& acceptor,
+                                     client_edge edge);
 
 // Accepts bridges on the bridge port until the acceptor closes.
 asio::awaitable<void> accept_bridges(state& st, asio::ip::tcp::acceptor& acceptor);

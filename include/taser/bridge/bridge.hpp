@@ -27,6 +27,8 @@ struct options {
 
     config::url vault{"http", {"127.0.0.1", 8200, false}};
     std::string vault_ca;
+    // Accept byte tunnels (CONNECT and passthrough), always to the vault address.
+    bool allow_tunnels = false;
     std::size_t vault_max_connections = 128;
     std::size_t vault_max_idle = 32;
     std::chrono::milliseconds vault_idle_timeout = 30s;

@@ -16,9 +16,20 @@ namespace taser::broker {
 
 using namespace std::chrono_literals;
 
+// What the broker does with a client connection.
+enum class client_edge {
+    http,         // terminate TLS (or plain HTTP), parse each request, one stream per request
+    passthrough,  // carry the connection's bytes as one stream to the vault's TLS listener
+};
+
 struct options {
     // Client edge.
     config::host_port listen{"0.0.0.0", 8443, false};
+    client_edge edge = client_edge::http;
+    // A second client listener in passthrough mode, beside an http --listen.
+    std::optional<config::host_port> passthrough_listen;
+    // Authorities that CONNECT may name (http mode); CONNECT is rejected when empty.
+    std::vector<config::host_port> connect_authorities;
     std::string tls_cert;
     std::string tls_key;
     std::string client_ca;  // when set, pods must present a certificate from this CA

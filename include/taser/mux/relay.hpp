@@ -1,0 +1,126 @@
+// SPDX-License-Identifier: Apache-2.0
+// Copies bytes between a socket and a tunnel stream in both directions, with half-close
+// (docs/protocol.md, byte tunnels). Used by the broker's passthrough edge and CONNECT, and by
+// the bridge's side of a tunnel.
+#pragma once
+
+#include <array>
+#include <memory>
+#include <vector>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/write.hpp>
+
+#include "taser/mux/session.hpp"
+#include "taser/net/deadlines.hpp"
+#include "taser/net/event.hpp"
+#include "taser/net/spawn.hpp"
+
+namespace taser::mux {
+
+struct relay_counts {
+    std::uint64_t to_stream = 0;    // bytes read from the socket and sent on the stream
+    std::uint64_t from_stream = 0;  // bytes received on the stream and written to the socket
+    bool clean = false;             // both directions ended with a half-close, no error
+};
+
+namespace detail {
+
+inline void shutdown_send(asio::ip::tcp::socket& s) {
+    error_code ignored;
+    s.shutdown(asio::ip::tcp::socket::shutdown_send, ignored);
+}
+
+// A TLS stream cannot be half-closed without ending the session; the close comes at the end.
+template <class Stream>
+void shutdown_send(Stream&) {}
+
+}  // namespace detail
+
+// Relays until both directions have ended. `prefix` holds bytes already read from the socket
+// (for example after a CONNECT request head) and goes first. The idle deadline applies to
+// each socket read and write; when it passes, the deadlines' owner closes the socket.
+template <class Socket>
+asio::awaitable<relay_counts> relay(Socket& socket, std::shared_ptr<stream> s,
+                                    net::deadlines& timers, std::chrono::milliseconds idle,
+                                    std::vector<std::uint8_t> prefix = {}) {
+    constexpr std::size_t chunk_bytes = 64 * 1024;
+    relay_counts counts;
+    bool up_clean = false;
+    bool up_running = true;
+    net::event up_finished(s->session_executor());
+
+    // Socket to stream.
+    net::spawn(
+        s->session_executor(),
+        [&, s]() -> asio::awaitable<void> {
+            if (!prefix.empty()) {
+                counts.to_stream += prefix.size();
+                if (co_await s->write(prefix, false)) {
+                    up_running = false;
+                    up_finished.notify();
+                    co_return;
+                }
+            }
+            std::vector<std::uint8_t> chunk(chunk_bytes);
+            for (;;) {
+                timers.arm(net::deadlines::read, idle);
+                auto [ec, n] = co_await socket.async_read_some(
+                    asio::buffer(chunk), asio::as_tuple(asio::use_awaitable));
+                timers.disarm(net::deadlines::read);
+                if (ec == asio::error::eof) {
+                    up_clean = !(co_await s->write({}, true));
+                    break;
+                }
+                if (ec) {
+                    s->reset(errc::cancel);
+                    break;
+                }
+                counts.to_stream += n;
+                if (co_await s->write({chunk.data(), n}, false)) {
+                    break;
+                }
+            }
+            up_running = false;
+            up_finished.notify();
+        },
+        "relay_to_stream");
+
+    // Stream to socket.
+    bool down_clean = false;
+    for (;;) {
+        auto [ec, chunk] = co_await s->read();
+        if (ec) {
+            break;
+        }
+        if (chunk.empty()) {
+            detail::shutdown_send(socket);
+            down_clean = true;
+            break;
+        }
+        timers.arm(net::deadlines::write, idle);
+        auto [wec, n] = co_await asio::async_write(socket, asio::buffer(chunk),
+                                                   asio::as_tuple(asio::use_awaitable));
+        timers.disarm(net::deadlines::write);
+        counts.from_stream += n;
+        if (wec) {
+            s->reset(errc::cancel);
+            break;
+        }
+    }
+    if (!down_clean) {
+        // The far side failed: stop reading this side too.
+        error_code ignored;
+        socket.lowest_layer().cancel(ignored);
+    }
+    while (up_running) {
+        co_await up_finished.wait();
+    }
+    counts.clean = up_clean && down_clean;
+    co_return counts;
+}
+
+}  // namespace taser::mux
