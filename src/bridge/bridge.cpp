@@ -5,6 +5,7 @@
 #include <openssl/ssl.h>
 #include <openssl/x509_vfy.h>
 
+#include <algorithm>
 #include <iostream>
 #include <map>
 #include <random>
@@ -248,10 +249,40 @@ std::string describe_failure(tls_stream& stream, const error_code& ec) {
     return ec.message();
 }
 
-// Dials one broker and serves its session. Returns the session's run time, or zero when no
-// session came up; failure reasons are logged here.
-asio::awaitable<std::chrono::steady_clock::duration> dial_once(bridge_state& st,
-                                                               const config::host_port& broker) {
+// The sessions to one --broker-address. Behind one address a load balancer may spread
+// connections over several broker replicas; the bridge keeps one session to each distinct
+// replica (told apart by the instance id in their HELLO), as many as the brokers announce.
+struct broker_group {
+    broker_group(const asio::any_io_executor& ex, config::host_port a, std::chrono::milliseconds b)
+        : address(std::move(a)), backoff(b), changed(ex) {}
+
+    config::host_port address;
+    std::vector<std::shared_ptr<mux::session>> sessions;
+    std::uint32_t wanted = 1;
+    std::chrono::milliseconds backoff;
+    std::chrono::milliseconds delay{0};  // wait before the next dial
+    net::event changed;
+
+    std::size_t live() const {
+        return static_cast<std::size_t>(std::count_if(
+            sessions.begin(), sessions.end(), [](const auto& s) { return !s->draining(); }));
+    }
+};
+
+// Schedules the next dial after a failure or a short-lived session: a uniform delay in
+// [0, backoff] (full jitter), so that bridges that lost the same broker spread their dials.
+void back_off(bridge_state& st, broker_group& g) {
+    std::uniform_int_distribution<std::int64_t> pick(0, g.backoff.count());
+    g.delay = std::chrono::milliseconds(pick(st.random));
+    g.backoff = std::min(g.backoff * 2, st.opt.reconnect_max);
+    log::debug("reconnect_scheduled",
+               {{"broker", g.address.to_string()}, {"delay_ms", g.delay.count()}});
+}
+
+// Dials the broker once and runs the TLS and tunnel handshakes. Returns the session, or null
+// after logging why none came up.
+asio::awaitable<std::shared_ptr<mux::session>> establish(bridge_state& st,
+                                                         const config::host_port& broker) {
     auto conn = st.next_conn++;
     auto address = broker.to_string();
     ++st.connect_attempts;
@@ -269,7 +300,7 @@ asio::awaitable<std::chrono::steady_clock::duration> dial_once(bridge_state& st,
                                                             as_tuple(use_awaitable));
     if (rec) {
         fail("resolve", rec.message());
-        co_return std::chrono::steady_clock::duration::zero();
+        co_return nullptr;
     }
 
     auto tls_context = st.broker_tls;
@@ -287,7 +318,7 @@ asio::awaitable<std::chrono::steady_clock::duration> dial_once(bridge_state& st,
     if (cec) {
         timers->stop();
         fail("connect", timers->expired() ? "timed out" : cec.message());
-        co_return std::chrono::steady_clock::duration::zero();
+        co_return nullptr;
     }
     error_code ignored;
     stream->lowest_layer().set_option(tcp::no_delay(true), ignored);
@@ -301,7 +332,7 @@ asio::awaitable<std::chrono::steady_clock::duration> dial_once(bridge_state& st,
     timers->stop();
     if (hec) {
         fail("tls", timers->expired() ? "handshake timed out" : describe_failure(*stream, hec));
-        co_return std::chrono::steady_clock::duration::zero();
+        co_return nullptr;
     }
     X509* cert = SSL_get0_peer_certificate(stream->native_handle());
     if (!st.opt.broker_pins.empty()) {
@@ -309,17 +340,19 @@ asio::awaitable<std::chrono::steady_clock::duration> dial_once(bridge_state& st,
         const auto& pins = st.opt.broker_pins;
         if (std::find(pins.begin(), pins.end(), pin) == pins.end()) {
             // A pin mismatch is not a network fault: it is logged as an error, every time.
+            ++st.connect_failures;
             log::error("broker_pin_mismatch", {{"conn", conn},
                                                {"broker", address},
                                                {"pin", pin},
                                                {"certificate", tls::describe_certificate(cert)}});
-            co_return std::chrono::steady_clock::duration::zero();
+            co_return nullptr;
         }
     }
     if (tls::negotiated_alpn(stream->native_handle()) != frame::alpn_id) {
         fail("tls", "broker did not select ALPN " + std::string(frame::alpn_id));
-        co_return std::chrono::steady_clock::duration::zero();
+        co_return nullptr;
     }
+    auto subject = tls::describe_certificate(cert);
 
     mux::session_options so;
     so.role = frame::role::bridge;
@@ -332,57 +365,95 @@ asio::awaitable<std::chrono::steady_clock::duration> dial_once(bridge_state& st,
     auto session = std::make_shared<mux::session>(std::move(transport), st.io.get_executor(), so, conn);
     if (auto sec = co_await session->handshake()) {
         fail("tunnel", sec.message());
-        co_return std::chrono::steady_clock::duration::zero();
+        co_return nullptr;
     }
-    session->on_stream = [&st](std::shared_ptr<mux::stream> s) {
-        net::spawn(st.io.get_executor(), st.vault.serve(std::move(s)), "vault_request");
-    };
-    if (st.draining) {
-        session->goaway(errc::no_error, "bridge is shutting down");
-    }
-
-    auto started = std::chrono::steady_clock::now();
     log::info("broker_connected", {{"conn", conn},
                                    {"broker", address},
                                    {"instance", net::to_hex(session->peer_hello().instance)},
                                    {"replicas", session->peer_hello().settings.replicas},
-                                   {"certificate", tls::describe_certificate(cert)}});
+                                   {"certificate", subject}});
+    co_return session;
+}
+
+// Runs one established session until it ends, then lets the group dial again.
+asio::awaitable<void> serve_session(bridge_state& st, broker_group& g,
+                                    std::shared_ptr<mux::session> session) {
+    auto address = g.address.to_string();
+    session->on_stream = [&st](std::shared_ptr<mux::stream> s) {
+        net::spawn(st.io.get_executor(), st.vault.serve(std::move(s)), "vault_request");
+    };
+    // A broker that drains sends GOAWAY: dial a replacement now, while this session finishes
+    // its running streams.
+    session->on_goaway = [&g] { g.changed.notify(); };
+    if (st.draining) {
+        session->goaway(errc::no_error, "bridge is shutting down");
+    }
     st.sessions.push_back(session);
     ++st.sessions_per_broker[address];
+    auto started = std::chrono::steady_clock::now();
     auto reason = co_await session->run();
+    auto lasted = std::chrono::steady_clock::now() - started;
     --st.sessions_per_broker[address];
     std::erase(st.sessions, session);
-    auto lasted = std::chrono::steady_clock::now() - started;
+    std::erase(g.sessions, session);
     log::info("broker_disconnected",
-              {{"conn", conn},
+              {{"conn", session->id()},
                {"broker", address},
                {"reason", reason ? reason.message() : "closed"},
                {"duration_s", std::chrono::duration<double>(lasted).count()},
                {"bytes_sent", session->bytes_sent()},
                {"bytes_received", session->bytes_received()}});
-    co_return lasted;
+    if (lasted >= stable_session) {
+        g.backoff = st.opt.reconnect_min;
+    }
+    back_off(st, g);
+    g.changed.notify();
 }
 
-// Keeps one session to a broker open for as long as the process runs: dials, serves, and
-// dials again after a delay with exponential backoff and full jitter.
+// Keeps the sessions of one --broker-address up for as long as the process runs.
 asio::awaitable<void> keep_connected(bridge_state& st, config::host_port broker) {
-    auto backoff = st.opt.reconnect_min;
+    broker_group g(st.io.get_executor(), broker, st.opt.reconnect_min);
     while (!st.draining) {
-        auto lasted = co_await dial_once(st, broker);
+        if (g.live() >= g.wanted) {
+            co_await g.changed.wait();
+            continue;
+        }
+        if (g.delay.count() > 0) {
+            auto delay = g.delay;
+            g.delay = std::chrono::milliseconds(0);
+            co_await net::sleep(delay);
+            continue;
+        }
+        auto session = co_await establish(st, broker);
         if (st.draining) {
+            if (session) {
+                session->close(make_error_code(errc::no_error));
+            }
             break;
         }
-        if (lasted >= stable_session) {
-            backoff = st.opt.reconnect_min;
+        if (!session) {
+            back_off(st, g);
+            continue;
         }
-        // Full jitter: a uniform delay in [0, backoff], so that many bridges that lost the
-        // same broker do not dial it again in the same instant.
-        std::uniform_int_distribution<std::int64_t> pick(0, backoff.count());
-        auto delay = std::chrono::milliseconds(pick(st.random));
-        log::debug("reconnect_scheduled",
-                   {{"broker", broker.to_string()}, {"delay_ms", delay.count()}});
-        co_await net::sleep(delay);
-        backoff = std::min(backoff * 2, st.opt.reconnect_max);
+        g.wanted = std::max<std::uint32_t>(1, session->peer_hello().settings.replicas);
+        auto instance = session->peer_hello().instance;
+        bool duplicate = std::any_of(g.sessions.begin(), g.sessions.end(), [&](const auto& s) {
+            return !s->draining() && s->peer_hello().instance == instance;
+        });
+        if (duplicate) {
+            // The load balancer sent this dial to a replica that already has a session.
+            log::debug("duplicate_broker_instance",
+                       {{"broker", broker.to_string()}, {"instance", net::to_hex(instance)}});
+            session->close(make_error_code(errc::no_error));
+            back_off(st, g);
+            continue;
+        }
+        g.sessions.push_back(session);
+        net::spawn(st.io.get_executor(), serve_session(st, g, session), "broker_session");
+    }
+    // The group lives in this frame: wait for its sessions to end before it goes.
+    while (!g.sessions.empty()) {
+        co_await g.changed.wait();
     }
 }
 

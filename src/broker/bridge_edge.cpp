@@ -123,6 +123,14 @@ asio::awaitable<void> serve_bridge(state& st, tcp::socket socket) {
                                    {"peer", peer},
                                    {"instance", net::to_hex(session->peer_hello().instance)},
                                    {"certificate", subject}});
+    // A bridge that comes back with the same identity replaces its old session at once, so
+    // that no stream is routed into a connection that may be dead without anyone knowing yet.
+    for (const auto& old : st.pool.sessions()) {
+        if (old->peer_hello().instance == session->peer_hello().instance) {
+            log::info("bridge_replaced", {{"conn", old->id()}, {"by_conn", conn}});
+            old->close(make_error_code(errc::cancel));
+        }
+    }
     st.pool.add(session);
     auto reason = co_await session->run();
     st.pool.remove(session);
