@@ -22,6 +22,7 @@
 #include "taser/net/deadlines.hpp"
 #include "taser/net/listen.hpp"
 #include "taser/net/spawn.hpp"
+#include "taser/tls/reloader.hpp"
 #include "taser/version.hpp"
 #include "vault_client.hpp"
 
@@ -43,14 +44,13 @@ constexpr std::string_view usage =
 constexpr auto stable_session = std::chrono::seconds(10);
 
 struct bridge_state {
-    bridge_state(asio::io_context& io_context, const options& o,
-                 std::shared_ptr<asio::ssl::context> vault_tls)
-        : io(io_context), opt(o), vault(io_context.get_executor(), o, std::move(vault_tls)) {}
+    bridge_state(asio::io_context& io_context, const options& o, tls::reloader* vault_tls)
+        : io(io_context), opt(o), vault(io_context.get_executor(), o, vault_tls) {}
 
     asio::io_context& io;
     const options& opt;
     vault_client vault;
-    std::shared_ptr<asio::ssl::context> broker_tls;
+    std::unique_ptr<tls::reloader> broker_tls;
     frame::instance_id instance{};
     std::uint64_t next_conn = 1;
     bool draining = false;
@@ -146,6 +146,9 @@ po::options_description describe() {
         ("instance-id", s(""), "name of this bridge (default: random)")
         ("drain-timeout", s("30s"),
          "after SIGTERM, how long running requests may take to finish (duration)")
+        ("cert-reload-interval", s("10s"),
+         "how often certificate, key and CA files are checked for changes (duration); SIGHUP "
+         "reloads them at once")
         ("admin-listen", s("off"),
          "HOST:PORT for /healthz, /readyz and /metrics, on a loopback address unless "
          "--admin-allow-remote; 'off' disables it")
@@ -227,6 +230,10 @@ options to_options(const po::variables_map& vm) {
     o.instance_name = str("instance-id");
     o.drain_timeout = duration("drain-timeout");
     o.admin_allow_remote = vm["admin-allow-remote"].as<bool>();
+    o.cert_reload_interval = duration("cert-reload-interval");
+    if (o.cert_reload_interval.count() <= 0) {
+        throw config::invalid_value("--cert-reload-interval must be above zero");
+    }
     if (auto admin = str("admin-listen"); admin != "off" && !admin.empty()) {
         o.admin_listen = config::parse_host_port("admin-listen", admin);
         boost::system::error_code ec;
@@ -303,7 +310,7 @@ asio::awaitable<std::shared_ptr<mux::session>> establish(bridge_state& st,
         co_return nullptr;
     }
 
-    auto tls_context = st.broker_tls;
+    auto tls_context = st.broker_tls->current();  // the files in force at dial time
     auto stream = std::make_unique<tls_stream>(st.io.get_executor(), *tls_context);
     auto* raw = stream.get();
     auto timers = std::make_shared<net::deadlines>(st.io.get_executor(), [raw] {
@@ -495,14 +502,24 @@ int main(int argc, char** argv) { return config::guarded_main("bridge", parse_an
 
 int run(const options& o) {
     asio::io_context io(1);
-    std::shared_ptr<asio::ssl::context> vault_tls;
+    std::unique_ptr<tls::reloader> vault_tls;
     if (o.vault.scheme == "https") {
-        vault_tls = tls::make_client_context({"", "", o.vault_ca, tls::min_version::tls1_2, ""});
+        vault_tls = std::make_unique<tls::reloader>(
+            "vault", std::vector<std::string>{o.vault_ca}, [&o] {
+                return tls::make_client_context({"", "", o.vault_ca, tls::min_version::tls1_2, ""});
+            });
     }
-    bridge_state st(io, o, vault_tls);
+    bridge_state st(io, o, vault_tls.get());
     st.instance = net::make_instance_id(o.instance_name);
-    st.broker_tls = tls::make_client_context(
-        {o.client_cert, o.client_key, o.ca_cert, o.tls_min, std::string(frame::alpn_id)});
+    st.broker_tls = std::make_unique<tls::reloader>(
+        "broker", std::vector<std::string>{o.client_cert, o.client_key, o.ca_cert}, [&o] {
+            return tls::make_client_context(
+                {o.client_cert, o.client_key, o.ca_cert, o.tls_min, std::string(frame::alpn_id)});
+        });
+    std::vector<tls::reloader*> reloaders{st.broker_tls.get()};
+    if (vault_tls) {
+        reloaders.push_back(vault_tls.get());
+    }
 
     log::info("bridge_started", {{"version", taser::version},
                                  {"instance", net::to_hex(st.instance)},
@@ -539,6 +556,19 @@ int run(const options& o) {
                           [&st] { return render_metrics(st); }};
         net::spawn(io.get_executor(), admin::serve(admin_acceptor, std::move(h)), "admin");
     }
+
+    net::spawn(io.get_executor(), tls::watch(reloaders, o.cert_reload_interval), "cert_watch");
+    asio::signal_set hangup(io, SIGHUP);
+    std::function<void(error_code, int)> on_hangup = [&](error_code ec, int) {
+        if (ec) {
+            return;
+        }
+        for (auto* r : reloaders) {
+            r->check(true);
+        }
+        hangup.async_wait(on_hangup);
+    };
+    hangup.async_wait(on_hangup);
 
     asio::signal_set signals(io, SIGTERM, SIGINT);
     int signals_seen = 0;

@@ -321,9 +321,8 @@ void vault_connection::close() noexcept {
     }
 }
 
-vault_client::vault_client(const asio::any_io_executor& ex, const options& o,
-                           std::shared_ptr<asio::ssl::context> tls)
-    : executor_(ex), options_(o), tls_(std::move(tls)), slot_freed_(ex) {}
+vault_client::vault_client(const asio::any_io_executor& ex, const options& o, tls::reloader* tls)
+    : executor_(ex), options_(o), tls_(tls), slot_freed_(ex) {}
 
 asio::awaitable<std::unique_ptr<vault_connection>> vault_client::connect(error_code& ec) {
     auto c = std::make_unique<vault_connection>();
@@ -357,7 +356,9 @@ asio::awaitable<std::unique_ptr<vault_connection>> vault_client::connect(error_c
         co_return c;
     }
     timers->stop();
-    c->tls = std::make_unique<asio::ssl::stream<tcp::socket>>(std::move(socket), *tls_);
+    // The connection keeps the context it started with alive; a reload affects new ones.
+    c->tls_context = tls_->current();
+    c->tls = std::make_unique<asio::ssl::stream<tcp::socket>>(std::move(socket), *c->tls_context);
     tls::prepare_client_stream(c->tls->native_handle(), where.host);
     auto* raw = c.get();
     auto handshake_timers = std::make_shared<deadlines>(executor_, [raw] { raw->close(); });

@@ -16,6 +16,7 @@
 #include "taser/bridge/bridge.hpp"
 #include "taser/mux/session.hpp"
 #include "taser/net/event.hpp"
+#include "taser/tls/reloader.hpp"
 
 namespace taser::bridge {
 
@@ -23,6 +24,7 @@ namespace asio = boost::asio;
 
 // One connection to the vault, plain or TLS.
 struct vault_connection {
+    std::shared_ptr<asio::ssl::context> tls_context;
     std::unique_ptr<asio::ip::tcp::socket> plain;
     std::unique_ptr<asio::ssl::stream<asio::ip::tcp::socket>> tls;
     boost::beast::flat_buffer buffer;
@@ -34,8 +36,8 @@ struct vault_connection {
 
 class vault_client {
 public:
-    vault_client(const asio::any_io_executor& ex, const options& o,
-                 std::shared_ptr<asio::ssl::context> tls);
+    // tls is null for an http vault address.
+    vault_client(const asio::any_io_executor& ex, const options& o, tls::reloader* tls);
 
     // Serves one stream opened by a broker: replays its request against the vault and sends
     // the response back on it. Never throws; every failure ends in a response or a reset.
@@ -57,7 +59,7 @@ private:
 
     asio::any_io_executor executor_;
     const options& options_;
-    std::shared_ptr<asio::ssl::context> tls_;
+    tls::reloader* tls_;
     std::deque<std::unique_ptr<vault_connection>> idle_;
     std::size_t open_ = 0;
     net::event slot_freed_;

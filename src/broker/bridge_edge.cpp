@@ -57,7 +57,7 @@ asio::awaitable<void> serve_bridge(state& st, tcp::socket socket) {
     auto peer = format_peer(socket.remote_endpoint(ignored));
     auto conn = st.next_conn_id();
 
-    auto tls_context = st.bridge_tls;  // the context in force when this bridge connected
+    auto tls_context = st.bridge_tls->current();  // the files in force at connect time
     auto stream = std::make_unique<tls_stream>(std::move(socket), *tls_context);
     auto* raw = stream.get();
     auto timers = std::make_shared<net::deadlines>(st.io.get_executor(), [raw] {

@@ -80,6 +80,9 @@ po::options_description describe() {
          "how many broker replicas serve the same address, announced to bridges")
         ("drain-timeout", s("30s"),
          "after SIGTERM, how long running requests may take to finish (duration)")
+        ("cert-reload-interval", s("10s"),
+         "how often certificate, key and CA files are checked for changes (duration); SIGHUP "
+         "reloads them at once")
         ("admin-listen", s("0.0.0.0:9090"),
          "HOST:PORT for /healthz, /readyz and /metrics; 'off' disables it");
     config::add_common_options(desc);
@@ -186,6 +189,10 @@ options to_options(const po::variables_map& vm) {
     o.instance_name = str("instance-id");
     o.replicas = vm["replicas"].as<std::uint32_t>();
     o.drain_timeout = duration("drain-timeout");
+    o.cert_reload_interval = duration("cert-reload-interval");
+    if (o.cert_reload_interval.count() <= 0) {
+        throw config::invalid_value("--cert-reload-interval must be above zero");
+    }
     if (auto admin = str("admin-listen"); admin == "off" || admin.empty()) {
         o.admin_listen.reset();
     } else {
@@ -240,12 +247,21 @@ int run(const options& o) {
     st.instance = net::make_instance_id(o.instance_name);
     st.instance_hex = net::to_hex(st.instance);
 
+    std::vector<tls::reloader*> reloaders;
     if (o.edge == client_edge::http && !o.plaintext) {
-        st.client_tls = tls::make_server_context(
-            {o.tls_cert, o.tls_key, o.client_ca, false, tls::min_version::tls1_2, "http/1.1", false});
+        st.client_tls = std::make_unique<tls::reloader>(
+            "client", std::vector<std::string>{o.tls_cert, o.tls_key, o.client_ca}, [&o] {
+                return tls::make_server_context({o.tls_cert, o.tls_key, o.client_ca, false,
+                                                 tls::min_version::tls1_2, "http/1.1", false});
+            });
+        reloaders.push_back(st.client_tls.get());
     }
-    st.bridge_tls = tls::make_server_context({o.bridge_cert, o.bridge_key, o.bridge_ca, true,
-                                              o.tls_min, std::string(frame::alpn_id), true});
+    st.bridge_tls = std::make_unique<tls::reloader>(
+        "bridge", std::vector<std::string>{o.bridge_cert, o.bridge_key, o.bridge_ca}, [&o] {
+            return tls::make_server_context({o.bridge_cert, o.bridge_key, o.bridge_ca, true,
+                                             o.tls_min, std::string(frame::alpn_id), true});
+        });
+    reloaders.push_back(st.bridge_tls.get());
 
     tcp::acceptor client_acceptor(io);
     tcp::acceptor bridge_acceptor(io);
@@ -292,6 +308,19 @@ int run(const options& o) {
                    "accept_passthrough");
     }
     net::spawn(io.get_executor(), accept_bridges(st, bridge_acceptor), "accept_bridges");
+
+    net::spawn(io.get_executor(), tls::watch(reloaders, o.cert_reload_interval), "cert_watch");
+    asio::signal_set hangup(io, SIGHUP);
+    std::function<void(error_code, int)> on_hangup = [&](error_code ec, int) {
+        if (ec) {
+            return;
+        }
+        for (auto* r : reloaders) {
+            r->check(true);
+        }
+        hangup.async_wait(on_hangup);
+    };
+    hangup.async_wait(on_hangup);
 
     asio::signal_set signals(io, SIGTERM, SIGINT);
     int signals_seen = 0;

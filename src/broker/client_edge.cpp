@@ -616,7 +616,7 @@ asio::awaitable<void> serve_client(state& st, tcp::socket socket, std::uint64_t 
         co_return;
     }
 
-    auto tls_context = st.client_tls;  // kept alive for this connection's lifetime
+    auto tls_context = st.client_tls->current();  // kept alive for this connection
     asio::ssl::stream<tcp::socket> stream(std::move(socket), *tls_context);
     auto close_socket = [&stream] {
         error_code e;

@@ -15,6 +15,7 @@
 #include "taser/broker/broker.hpp"
 #include "taser/metrics/metrics.hpp"
 #include "taser/net/event.hpp"
+#include "taser/tls/reloader.hpp"
 
 namespace taser::broker {
 
@@ -50,8 +51,8 @@ struct state {
     asio::io_context& io;
     const options& opt;
     bridge_pool pool;
-    std::shared_ptr<asio::ssl::context> client_tls;  // null in plaintext mode
-    std::shared_ptr<asio::ssl::context> bridge_tls;
+    std::unique_ptr<tls::reloader> client_tls;  // null when the client edge has no TLS
+    std::unique_ptr<tls::reloader> bridge_tls;
     frame::instance_id instance{};
     std::string instance_hex;
 

@@ -44,6 +44,7 @@ struct options {
     std::string instance_name;
 
     std::chrono::milliseconds drain_timeout = 30s;
+    std::chrono::milliseconds cert_reload_interval = 10s;
 
     // Admin listener (/healthz, /readyz, /metrics); off unless set, loopback unless allowed.
     std::optional<config::host_port> admin_listen;

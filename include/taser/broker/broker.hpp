@@ -61,6 +61,7 @@ struct options {
     std::uint32_t replicas = 1;
 
     std::chrono::milliseconds drain_timeout = 30s;
+    std::chrono::milliseconds cert_reload_interval = 10s;
 
     // Admin listener (/healthz, /readyz, /metrics); none when empty.
     std::optional<config::host_port> admin_listen = config::host_port{"0.0.0.0", 9090, false};
