@@ -6,6 +6,7 @@
 #include "taser/bridge/bridge.hpp"
 #include "taser/broker/broker.hpp"
 #include "taser/config/cli.hpp"
+#include "taser/tls/certs.hpp"
 #include "taser/tls/context.hpp"
 #include "taser/version.hpp"
 
@@ -16,6 +17,7 @@ constexpr std::string_view usage =
     "Commands:\n"
     "  broker     run in the cluster: accept bridges and Vault API clients\n"
     "  bridge     run next to the vault: dial brokers and replay their requests\n"
+    "  certs      write a CA, broker and bridge certificates for a first try\n"
     "  pin CERT   print the key pin (sha256//BASE64) of a PEM certificate\n"
     "  version    print the version\n\n"
     "'taser COMMAND --help' describes the options of a command.\n";
@@ -47,6 +49,9 @@ int main(int argc, char** argv) {
     }
     if (command == "bridge") {
         return taser::bridge::main(argc - 1, argv + 1);
+    }
+    if (command == "certs") {
+        return taser::tls::certs_main(argc - 1, argv + 1);
     }
     if (command == "pin") {
         return pin(argc - 1, argv + 1);

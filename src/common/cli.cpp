@@ -3,6 +3,7 @@
 #include "taser/config/cli.hpp"
 
 #include <algorithm>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 
@@ -87,6 +88,8 @@ int guarded_main(const char* role, int (*body)(int, char**), int argc, char** ar
     } catch (const invalid_value& e) {
         std::cerr << "taser " << role << ": " << e.what() << "\n";
     } catch (const tls::load_error& e) {
+        std::cerr << "taser " << role << ": " << e.what() << "\n";
+    } catch (const std::filesystem::filesystem_error& e) {
         std::cerr << "taser " << role << ": " << e.what() << "\n";
     }
     return usage_exit_code;
