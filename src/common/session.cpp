@@ -37,7 +37,21 @@ stream::stream(std::shared_ptr<session> s, std::uint32_t id, std::uint32_t send_
       send_window_(send_window),
       writable_(session_->executor_) {}
 
-stream::~stream() { drop_inbox(); }
+stream::~stream() {
+    drop_inbox();
+    drop_outbox();
+}
+
+void stream::drop_outbox() {
+    if (outbox_.size() == 0) {
+        return;
+    }
+    session_->queued_send_bytes_ -= outbox_.size();
+    outbox_.consume(outbox_.size());
+    if (session_->send_space_waiters_ > 0) {
+        session_->send_space_.notify();
+    }
+}
 
 std::uint64_t stream::conn_id() const noexcept { return session_->id(); }
 
@@ -65,7 +79,7 @@ void stream::fail(error_code ec) {
         return;
     }
     error_ = ec;
-    outbox_.consume(outbox_.size());
+    drop_outbox();
     wake();
 }
 
@@ -157,11 +171,22 @@ error_code stream::write_response_head(const frame::response_head& head, bool en
 
 asio::awaitable<error_code> stream::write(frame::bytes data, bool end_stream) {
     auto self = shared_from_this();
-    while (!error_ && outbox_.size() >= session_->options_.stream_send_buffer_bytes) {
-        co_await writable_.wait();
-    }
-    if (error_) {
-        co_return error_;
+    for (;;) {
+        if (error_) {
+            co_return error_;
+        }
+        if (outbox_.size() >= session_->options_.stream_send_buffer_bytes) {
+            co_await writable_.wait();
+            continue;
+        }
+        if (!data.empty() &&
+            session_->queued_send_bytes_ >= session_->options_.session_send_buffer_bytes) {
+            ++session_->send_space_waiters_;
+            co_await session_->send_space_.wait();
+            --session_->send_space_waiters_;
+            continue;
+        }
+        break;
     }
     if (local_ended_) {
         co_return make_error_code(errc::stream_closed);
@@ -170,6 +195,7 @@ asio::awaitable<error_code> stream::write(frame::bytes data, bool end_stream) {
         auto room = outbox_.prepare(data.size());
         std::memcpy(room.data(), data.data(), data.size());
         outbox_.commit(data.size());
+        session_->queued_send_bytes_ += data.size();
     }
     local_ended_ = end_stream;
     session_->schedule(self);
@@ -197,6 +223,7 @@ session::session(std::unique_ptr<transport> t, const asio::any_io_executor& ex,
       conn_id_(conn_id),
       buffer_(frame::header_size + o.local.max_frame_payload + read_chunk_bytes),
       conn_recv_window_(o.local.initial_connection_window),
+      send_space_(ex),
       writer_wake_(ex),
       writer_done_(ex),
       keepalive_timer_(ex),
@@ -350,6 +377,7 @@ void session::close(error_code reason) {
     ready_.clear();
     conn_blocked_.clear();
     control_.clear();
+    send_space_.notify();
     idle_.notify();
 }
 
@@ -815,6 +843,7 @@ void session::fill_data() {
         std::memcpy(out_.data() + at + frame::header_size, s->outbox_.data().data(),
                     static_cast<std::size_t>(n));
         s->outbox_.consume(static_cast<std::size_t>(n));
+        queued_send_bytes_ -= static_cast<std::size_t>(n);
         s->send_window_ -= n;
         conn_send_window_ -= n;
 
@@ -846,6 +875,10 @@ asio::awaitable<void> session::write_loop() {
         // precede its DATA.
         if (!closing_ && control_.empty()) {
             fill_data();
+            if (send_space_waiters_ > 0 &&
+                queued_send_bytes_ < options_.session_send_buffer_bytes) {
+                send_space_.notify();
+            }
         }
         if (out_.empty()) {
             if (closing_) {

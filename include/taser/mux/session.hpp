@@ -38,6 +38,9 @@ struct session_options {
     std::size_t buffer_budget_bytes = 16 * 1024 * 1024;
     // Bytes a stream may queue for sending before write() waits.
     std::size_t stream_send_buffer_bytes = 256 * 1024;
+    // Bytes all streams of the session may queue together before write() waits, so that many
+    // streams towards a peer that stopped reading cannot hold more than this between them.
+    std::size_t session_send_buffer_bytes = 16 * 1024 * 1024;
     // Control frames (PING ACK, WINDOW_UPDATE, RST_STREAM) queued before the peer is cut off
     // for flooding.
     std::size_t max_queued_control_frames = 10000;
@@ -104,6 +107,7 @@ private:
     void fail(error_code ec);
     void wake();
     void drop_inbox();
+    void drop_outbox();
 
     std::shared_ptr<session> session_;
     std::uint32_t id_;
@@ -227,6 +231,9 @@ private:
     std::deque<std::shared_ptr<stream>> ready_;
     std::vector<std::shared_ptr<stream>> conn_blocked_;  // waiting for connection credit
     std::int64_t conn_send_window_ = 0;
+    std::size_t queued_send_bytes_ = 0;  // outbox bytes over all streams
+    std::size_t send_space_waiters_ = 0;
+    net::event send_space_;
     std::vector<std::uint8_t> out_;
     net::event writer_wake_;
     net::event writer_done_;
