@@ -840,8 +840,10 @@ void session::fill_data() {
         frame::encode_header({to_u32(n), frame::frame_type::data,
                               fin ? frame::flag::end_stream : std::uint8_t{0}, s->id_},
                              out_.data() + at);
-        std::memcpy(out_.data() + at + frame::header_size, s->outbox_.data().data(),
-                    static_cast<std::size_t>(n));
+        if (n > 0) {
+            std::memcpy(out_.data() + at + frame::header_size, s->outbox_.data().data(),
+                        static_cast<std::size_t>(n));
+        }
         s->outbox_.consume(static_cast<std::size_t>(n));
         queued_send_bytes_ -= static_cast<std::size_t>(n);
         s->send_window_ -= n;
