@@ -2,29 +2,28 @@
 // taser bridge: options, the dial loop to each broker, and the drain on SIGTERM.
 #include "taser/bridge/bridge.hpp"
 
-#include <openssl/ssl.h>
-#include <openssl/x509_vfy.h>
-
 #include <algorithm>
 #include <iostream>
 #include <map>
 #include <random>
 
+#include "vault_client.hpp"
 #include <boost/asio/connect.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/ssl.hpp>
+#include <openssl/ssl.h>
+#include <openssl/x509_vfy.h>
 
 #include "taser/admin/admin.hpp"
 #include "taser/config/cli.hpp"
-#include "taser/metrics/metrics.hpp"
 #include "taser/log/log.hpp"
+#include "taser/metrics/metrics.hpp"
 #include "taser/mux/transport.hpp"
 #include "taser/net/deadlines.hpp"
 #include "taser/net/listen.hpp"
 #include "taser/net/spawn.hpp"
 #include "taser/tls/reloader.hpp"
 #include "taser/version.hpp"
-#include "vault_client.hpp"
 
 namespace taser::bridge {
 namespace {
@@ -107,53 +106,55 @@ std::string render_metrics(const bridge_state& st) {
 po::options_description describe() {
     po::options_description desc("taser bridge options");
     auto s = [](const char* v) { return po::value<std::string>()->default_value(v); };
-    desc.add_options()
-        ("broker-address", po::value<std::vector<std::string>>(),
-         "HOST:PORT of a broker's bridge port (repeatable: one vault may serve several clusters)")
-        ("server-name", po::value<std::string>(),
-         "name the broker's certificate must carry (default: the host of --broker-address)")
-        ("client-cert", po::value<std::string>(), "client certificate chain (PEM) of this bridge")
-        ("client-key", po::value<std::string>(), "private key (PEM) of this bridge")
-        ("ca-cert", po::value<std::string>(), "CA bundle (PEM) that the broker's certificate "
-                                              "must chain to")
-        ("broker-pin", po::value<std::vector<std::string>>(),
-         "accept only a broker certificate with this key pin, sha256//BASE64 (repeatable)")
-        ("tls-min-version", s("1.3"), "minimum TLS version towards brokers: 1.3 or 1.2")
-        ("vault-address", s("http://127.0.0.1:8200"),
-         "the vault's API address; the only place the bridge sends requests")
-        ("vault-ca", po::value<std::string>(), "CA bundle (PEM) of the vault's certificate, for "
-                                               "an https vault address")
-        ("allow-tunnels", po::bool_switch(),
-         "accept byte tunnels (a broker's passthrough edge and CONNECT); each one connects to "
-         "the host and port of --vault-address and nowhere else")
-        ("vault-max-connections", po::value<std::size_t>()->default_value(128),
-         "connections to the vault at once; further requests wait for one")
-        ("vault-max-idle", po::value<std::size_t>()->default_value(32),
-         "idle keep-alive connections kept to the vault")
-        ("request-timeout", s("120s"), "time the vault has to answer a request (duration)")
-        ("connect-timeout", s("5s"), "time to connect to a broker or the vault (duration)")
-        ("handshake-timeout", s("10s"), "time for the TLS and tunnel handshake (duration)")
-        ("keepalive-interval", s("15s"), "idle time between tunnel PINGs (duration)")
-        ("keepalive-timeout", s("10s"),
-         "time a PING may go unanswered before the tunnel is declared dead (duration)")
-        ("reconnect-min", s("100ms"), "first delay before dialling again (duration)")
-        ("reconnect-max", s("5s"), "longest delay between dial attempts (duration)")
-        ("max-frame-payload", s("64KiB"), "largest frame payload the broker may send (size)")
-        ("stream-window", s("4MiB"), "flow-control window of each stream (size)")
-        ("connection-window", s("32MiB"), "flow-control window of each tunnel (size)")
-        ("max-streams", po::value<std::uint32_t>()->default_value(16384),
-         "streams open at once on one tunnel")
-        ("instance-id", s(""), "name of this bridge (default: random)")
-        ("drain-timeout", s("30s"),
-         "after SIGTERM, how long running requests may take to finish (duration)")
-        ("cert-reload-interval", s("10s"),
-         "how often certificate, key and CA files are checked for changes (duration); SIGHUP "
-         "reloads them at once")
-        ("admin-listen", s("off"),
-         "HOST:PORT for /healthz, /readyz and /metrics, on a loopback address unless "
-         "--admin-allow-remote; 'off' disables it")
-        ("admin-allow-remote", po::bool_switch(),
-         "allow --admin-listen on an address other than loopback");
+    desc.add_options()(
+        "broker-address", po::value<std::vector<std::string>>(),
+        "HOST:PORT of a broker's bridge port (repeatable: one vault may serve several clusters)")(
+        "server-name", po::value<std::string>(),
+        "name the broker's certificate must carry (default: the host of --broker-address)")(
+        "client-cert", po::value<std::string>(), "client certificate chain (PEM) of this bridge")(
+        "client-key", po::value<std::string>(), "private key (PEM) of this bridge")(
+        "ca-cert", po::value<std::string>(),
+        "CA bundle (PEM) that the broker's certificate "
+        "must chain to")(
+        "broker-pin", po::value<std::vector<std::string>>(),
+        "accept only a broker certificate with this key pin, sha256//BASE64 (repeatable)")(
+        "tls-min-version", s("1.3"), "minimum TLS version towards brokers: 1.3 or 1.2")(
+        "vault-address", s("http://127.0.0.1:8200"),
+        "the vault's API address; the only place the bridge sends requests")(
+        "vault-ca", po::value<std::string>(),
+        "CA bundle (PEM) of the vault's certificate, for "
+        "an https vault address")(
+        "allow-tunnels", po::bool_switch(),
+        "accept byte tunnels (a broker's passthrough edge and CONNECT); each one connects to "
+        "the host and port of --vault-address and nowhere else")(
+        "vault-max-connections", po::value<std::size_t>()->default_value(128),
+        "connections to the vault at once; further requests wait for one")(
+        "vault-max-idle", po::value<std::size_t>()->default_value(32),
+        "idle keep-alive connections kept to the vault")(
+        "request-timeout", s("120s"), "time the vault has to answer a request (duration)")(
+        "connect-timeout", s("5s"), "time to connect to a broker or the vault (duration)")(
+        "handshake-timeout", s("10s"), "time for the TLS and tunnel handshake (duration)")(
+        "keepalive-interval", s("15s"), "idle time between tunnel PINGs (duration)")(
+        "keepalive-timeout", s("10s"),
+        "time a PING may go unanswered before the tunnel is declared dead (duration)")(
+        "reconnect-min", s("100ms"), "first delay before dialling again (duration)")(
+        "reconnect-max", s("5s"), "longest delay between dial attempts (duration)")(
+        "max-frame-payload", s("64KiB"), "largest frame payload the broker may send (size)")(
+        "stream-window", s("4MiB"), "flow-control window of each stream (size)")(
+        "connection-window", s("32MiB"), "flow-control window of each tunnel (size)")(
+        "max-streams", po::value<std::uint32_t>()->default_value(16384),
+        "streams open at once on one tunnel")("instance-id", s(""),
+                                              "name of this bridge (default: random)")(
+        "drain-timeout", s("30s"),
+        "after SIGTERM, how long running requests may take to finish (duration)")(
+        "cert-reload-interval", s("10s"),
+        "how often certificate, key and CA files are checked for changes (duration); SIGHUP "
+        "reloads them at once")(
+        "admin-listen", s("off"),
+        "HOST:PORT for /healthz, /readyz and /metrics, on a loopback address unless "
+        "--admin-allow-remote; 'off' disables it")(
+        "admin-allow-remote", po::bool_switch(),
+        "allow --admin-listen on an address other than loopback");
     config::add_common_options(desc);
     return desc;
 }
@@ -248,14 +249,6 @@ options to_options(const po::variables_map& vm) {
     return o;
 }
 
-std::string describe_failure(tls_stream& stream, const error_code& ec) {
-    auto verify = SSL_get_verify_result(stream.native_handle());
-    if (verify != X509_V_OK) {
-        return std::string("broker certificate rejected: ") + X509_verify_cert_error_string(verify);
-    }
-    return ec.message();
-}
-
 // The sessions to one --broker-address. Behind one address a load balancer may spread
 // connections over several broker replicas; the bridge keeps one session to each distinct
 // replica (told apart by the instance id in their HELLO), as many as the brokers announce.
@@ -295,16 +288,15 @@ asio::awaitable<std::shared_ptr<mux::session>> establish(bridge_state& st,
     ++st.connect_attempts;
     auto fail = [&](std::string_view stage, std::string_view error) {
         ++st.connect_failures;
-        log::write_limited(log::level::warn, "connect_failed", {{"conn", conn},
-                                                                {"broker", address},
-                                                                {"stage", stage},
-                                                                {"error", error}});
+        log::write_limited(
+            log::level::warn, "connect_failed",
+            {{"conn", conn}, {"broker", address}, {"stage", stage}, {"error", error}});
     };
 
     // The name is resolved again on every attempt, so that a moved broker is found.
     tcp::resolver resolver(st.io.get_executor());
-    auto [rec, endpoints] = co_await resolver.async_resolve(broker.host, std::to_string(broker.port),
-                                                            as_tuple(use_awaitable));
+    auto [rec, endpoints] = co_await resolver.async_resolve(
+        broker.host, std::to_string(broker.port), as_tuple(use_awaitable));
     if (rec) {
         fail("resolve", rec.message());
         co_return nullptr;
@@ -319,8 +311,8 @@ asio::awaitable<std::shared_ptr<mux::session>> establish(bridge_state& st,
     });
     timers->start();
     timers->arm(net::deadlines::write, st.opt.connect_timeout);
-    auto [cec, endpoint] = co_await asio::async_connect(stream->lowest_layer(), endpoints,
-                                                        as_tuple(use_awaitable));
+    auto [cec, endpoint] =
+        co_await asio::async_connect(stream->lowest_layer(), endpoints, as_tuple(use_awaitable));
     timers->disarm(net::deadlines::write);
     if (cec) {
         timers->stop();
@@ -333,12 +325,14 @@ asio::awaitable<std::shared_ptr<mux::session>> establish(bridge_state& st,
     auto name = st.opt.server_name.empty() ? broker.host : st.opt.server_name;
     tls::prepare_client_stream(stream->native_handle(), name);
     timers->arm(net::deadlines::read, st.opt.handshake_timeout);
-    auto [hec] = co_await stream->async_handshake(asio::ssl::stream_base::client,
-                                                  as_tuple(use_awaitable));
+    auto [hec] =
+        co_await stream->async_handshake(asio::ssl::stream_base::client, as_tuple(use_awaitable));
     timers->disarm(net::deadlines::read);
     timers->stop();
     if (hec) {
-        fail("tls", timers->expired() ? "handshake timed out" : describe_failure(*stream, hec));
+        fail("tls", timers->expired()
+                        ? "handshake timed out"
+                        : tls::describe_handshake_failure(stream->native_handle(), hec));
         co_return nullptr;
     }
     X509* cert = SSL_get0_peer_certificate(stream->native_handle());
@@ -369,7 +363,8 @@ asio::awaitable<std::shared_ptr<mux::session>> establish(bridge_state& st,
     so.keepalive_interval = st.opt.keepalive_interval;
     so.keepalive_timeout = st.opt.keepalive_timeout;
     auto transport = std::make_unique<mux::stream_transport<tls_stream>>(std::move(*stream));
-    auto session = std::make_shared<mux::session>(std::move(transport), st.io.get_executor(), so, conn);
+    auto session =
+        std::make_shared<mux::session>(std::move(transport), st.io.get_executor(), so, conn);
     if (auto sec = co_await session->handshake()) {
         fail("tunnel", sec.message());
         co_return nullptr;
@@ -403,13 +398,12 @@ asio::awaitable<void> serve_session(bridge_state& st, broker_group& g,
     --st.sessions_per_broker[address];
     std::erase(st.sessions, session);
     std::erase(g.sessions, session);
-    log::info("broker_disconnected",
-              {{"conn", session->id()},
-               {"broker", address},
-               {"reason", reason ? reason.message() : "closed"},
-               {"duration_s", std::chrono::duration<double>(lasted).count()},
-               {"bytes_sent", session->bytes_sent()},
-               {"bytes_received", session->bytes_received()}});
+    log::info("broker_disconnected", {{"conn", session->id()},
+                                      {"broker", address},
+                                      {"reason", reason ? reason.message() : "closed"},
+                                      {"duration_s", std::chrono::duration<double>(lasted).count()},
+                                      {"bytes_sent", session->bytes_sent()},
+                                      {"bytes_received", session->bytes_received()}});
     if (lasted >= stable_session) {
         g.backoff = st.opt.reconnect_min;
     }
@@ -498,14 +492,16 @@ asio::awaitable<void> drain(bridge_state& st) {
 
 }  // namespace
 
-int main(int argc, char** argv) { return config::guarded_main("bridge", parse_and_run, argc, argv); }
+int main(int argc, char** argv) {
+    return config::guarded_main("bridge", parse_and_run, argc, argv);
+}
 
 int run(const options& o) {
     asio::io_context io(1);
     std::unique_ptr<tls::reloader> vault_tls;
     if (o.vault.scheme == "https") {
-        vault_tls = std::make_unique<tls::reloader>(
-            "vault", std::vector<std::string>{o.vault_ca}, [&o] {
+        vault_tls =
+            std::make_unique<tls::reloader>("vault", std::vector<std::string>{o.vault_ca}, [&o] {
                 return tls::make_client_context({"", "", o.vault_ca, tls::min_version::tls1_2, ""});
             });
     }

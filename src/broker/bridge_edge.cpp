@@ -2,14 +2,13 @@
 // The broker's bridge edge: the one port that faces the internet. Mutual TLS with a deadline
 // and a cap on handshakes in progress; nothing of the tunnel protocol is read before the
 // certificate passed every check.
+#include <algorithm>
+
+#include "state.hpp"
+#include <boost/asio/ssl.hpp>
 #include <openssl/ssl.h>
 #include <openssl/x509_vfy.h>
 
-#include <algorithm>
-
-#include <boost/asio/ssl.hpp>
-
-#include "state.hpp"
 #include "taser/log/log.hpp"
 #include "taser/mux/transport.hpp"
 #include "taser/net/deadlines.hpp"
@@ -41,16 +40,6 @@ void reject(state& st, std::string_view peer, std::string_view reason, std::stri
                        {{"peer", peer}, {"reason", reason}, {"error", detail}});
 }
 
-// Explains a failed handshake: the certificate check's verdict if there was one, else the
-// TLS error.
-std::string handshake_failure(tls_stream& stream, const error_code& ec) {
-    auto verify = SSL_get_verify_result(stream.native_handle());
-    if (verify != X509_V_OK) {
-        return std::string("certificate rejected: ") + X509_verify_cert_error_string(verify);
-    }
-    return ec.message();
-}
-
 asio::awaitable<void> serve_bridge(state& st, tcp::socket socket) {
     error_code ignored;
     socket.set_option(tcp::no_delay(true), ignored);
@@ -67,15 +56,15 @@ asio::awaitable<void> serve_bridge(state& st, tcp::socket socket) {
     timers->start();
     timers->arm(net::deadlines::read, st.opt.handshake_timeout);
     ++st.handshakes_in_progress;
-    auto [ec] = co_await stream->async_handshake(asio::ssl::stream_base::server,
-                                                 as_tuple(use_awaitable));
+    auto [ec] =
+        co_await stream->async_handshake(asio::ssl::stream_base::server, as_tuple(use_awaitable));
     --st.handshakes_in_progress;
     timers->disarm(net::deadlines::read);
     if (ec) {
         timers->stop();
         reject(st, peer, timers->expired() ? "handshake timeout" : "handshake failed",
                timers->expired() ? "no completed TLS handshake within the deadline"
-                                 : handshake_failure(*stream, ec));
+                                 : tls::describe_handshake_failure(stream->native_handle(), ec));
         co_return;
     }
 
@@ -108,7 +97,8 @@ asio::awaitable<void> serve_bridge(state& st, tcp::socket socket) {
     so.keepalive_interval = st.opt.keepalive_interval;
     so.keepalive_timeout = st.opt.keepalive_timeout;
     auto transport = std::make_unique<mux::stream_transport<tls_stream>>(std::move(*stream));
-    auto session = std::make_shared<mux::session>(std::move(transport), st.io.get_executor(), so, conn);
+    auto session =
+        std::make_shared<mux::session>(std::move(transport), st.io.get_executor(), so, conn);
 
     if (auto hec = co_await session->handshake()) {
         reject(st, peer, "tunnel handshake failed", hec.message());

@@ -10,6 +10,7 @@
 #include <openssl/x509v3.h>
 
 #include <cstdio>
+#include <ctime>
 #include <fstream>
 
 #include "taser/config/parse.hpp"
@@ -235,6 +236,24 @@ bool is_valid_pin(std::string_view pin) {
     return std::all_of(body.begin(), body.end(), [](char c) {
         return std::isalnum(static_cast<unsigned char>(c)) || c == '+' || c == '/';
     });
+}
+
+std::string describe_handshake_failure(SSL* ssl, const boost::system::error_code& ec) {
+    auto verify = SSL_get_verify_result(ssl);
+    if (verify == X509_V_OK) {
+        return ec.message();
+    }
+    std::string out = std::string("certificate rejected: ") + X509_verify_cert_error_string(verify);
+    if (verify == X509_V_ERR_CERT_NOT_YET_VALID || verify == X509_V_ERR_CERT_HAS_EXPIRED) {
+        char now[32];
+        auto t = std::time(nullptr);
+        std::tm tm{};
+        gmtime_r(&t, &tm);
+        std::strftime(now, sizeof now, "%Y-%m-%dT%H:%M:%SZ", &tm);
+        out += std::string(" (local time ") + now +
+               "; compare with the certificate's validity and the clocks of both hosts)";
+    }
+    return out;
 }
 
 std::string describe_certificate(X509* cert) {
