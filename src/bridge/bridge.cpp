@@ -7,7 +7,6 @@
 #include <map>
 #include <random>
 
-#include "vault_client.hpp"
 #include <boost/asio/connect.hpp>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/ssl.hpp>
@@ -24,6 +23,8 @@
 #include "taser/net/spawn.hpp"
 #include "taser/tls/reloader.hpp"
 #include "taser/version.hpp"
+
+#include "vault_client.hpp"
 
 namespace taser::bridge {
 namespace {
@@ -106,55 +107,55 @@ std::string render_metrics(const bridge_state& st) {
 po::options_description describe() {
     po::options_description desc("taser bridge options");
     auto s = [](const char* v) { return po::value<std::string>()->default_value(v); };
-    desc.add_options()(
-        "broker-address", po::value<std::vector<std::string>>(),
-        "HOST:PORT of a broker's bridge port (repeatable: one vault may serve several clusters)")(
-        "server-name", po::value<std::string>(),
-        "name the broker's certificate must carry (default: the host of --broker-address)")(
-        "client-cert", po::value<std::string>(), "client certificate chain (PEM) of this bridge")(
-        "client-key", po::value<std::string>(), "private key (PEM) of this bridge")(
-        "ca-cert", po::value<std::string>(),
-        "CA bundle (PEM) that the broker's certificate "
-        "must chain to")(
-        "broker-pin", po::value<std::vector<std::string>>(),
-        "accept only a broker certificate with this key pin, sha256//BASE64 (repeatable)")(
-        "tls-min-version", s("1.3"), "minimum TLS version towards brokers: 1.3 or 1.2")(
-        "vault-address", s("http://127.0.0.1:8200"),
-        "the vault's API address; the only place the bridge sends requests")(
-        "vault-ca", po::value<std::string>(),
-        "CA bundle (PEM) of the vault's certificate, for "
-        "an https vault address")(
-        "allow-tunnels", po::bool_switch(),
-        "accept byte tunnels (a broker's passthrough edge and CONNECT); each one connects to "
-        "the host and port of --vault-address and nowhere else")(
-        "vault-max-connections", po::value<std::size_t>()->default_value(128),
-        "connections to the vault at once; further requests wait for one")(
-        "vault-max-idle", po::value<std::size_t>()->default_value(32),
-        "idle keep-alive connections kept to the vault")(
-        "request-timeout", s("120s"), "time the vault has to answer a request (duration)")(
-        "connect-timeout", s("5s"), "time to connect to a broker or the vault (duration)")(
-        "handshake-timeout", s("10s"), "time for the TLS and tunnel handshake (duration)")(
-        "keepalive-interval", s("15s"), "idle time between tunnel PINGs (duration)")(
-        "keepalive-timeout", s("10s"),
-        "time a PING may go unanswered before the tunnel is declared dead (duration)")(
-        "reconnect-min", s("100ms"), "first delay before dialling again (duration)")(
-        "reconnect-max", s("5s"), "longest delay between dial attempts (duration)")(
-        "max-frame-payload", s("64KiB"), "largest frame payload the broker may send (size)")(
-        "stream-window", s("4MiB"), "flow-control window of each stream (size)")(
-        "connection-window", s("32MiB"), "flow-control window of each tunnel (size)")(
-        "max-streams", po::value<std::uint32_t>()->default_value(16384),
-        "streams open at once on one tunnel")("instance-id", s(""),
-                                              "name of this bridge (default: random)")(
-        "drain-timeout", s("30s"),
-        "after SIGTERM, how long running requests may take to finish (duration)")(
-        "cert-reload-interval", s("10s"),
-        "how often certificate, key and CA files are checked for changes (duration); SIGHUP "
-        "reloads them at once")(
-        "admin-listen", s("off"),
-        "HOST:PORT for /healthz, /readyz and /metrics, on a loopback address unless "
-        "--admin-allow-remote; 'off' disables it")(
-        "admin-allow-remote", po::bool_switch(),
-        "allow --admin-listen on an address other than loopback");
+    // clang-format off
+    desc.add_options()
+        ("broker-address", po::value<std::vector<std::string>>(),
+         "HOST:PORT of a broker's bridge port (repeatable: one vault may serve several clusters)")
+        ("server-name", po::value<std::string>(),
+         "name the broker's certificate must carry (default: the host of --broker-address)")
+        ("client-cert", po::value<std::string>(), "client certificate chain (PEM) of this bridge")
+        ("client-key", po::value<std::string>(), "private key (PEM) of this bridge")
+        ("ca-cert", po::value<std::string>(), "CA bundle (PEM) that the broker's certificate "
+                                              "must chain to")
+        ("broker-pin", po::value<std::vector<std::string>>(),
+         "accept only a broker certificate with this key pin, sha256//BASE64 (repeatable)")
+        ("tls-min-version", s("1.3"), "minimum TLS version towards brokers: 1.3 or 1.2")
+        ("vault-address", s("http://127.0.0.1:8200"),
+         "the vault's API address; the only place the bridge sends requests")
+        ("vault-ca", po::value<std::string>(), "CA bundle (PEM) of the vault's certificate, for "
+                                               "an https vault address")
+        ("allow-tunnels", po::bool_switch(),
+         "accept byte tunnels (a broker's passthrough edge and CONNECT); each one connects to "
+         "the host and port of --vault-address and nowhere else")
+        ("vault-max-connections", po::value<std::size_t>()->default_value(128),
+         "connections to the vault at once; further requests wait for one")
+        ("vault-max-idle", po::value<std::size_t>()->default_value(32),
+         "idle keep-alive connections kept to the vault")
+        ("request-timeout", s("120s"), "time the vault has to answer a request (duration)")
+        ("connect-timeout", s("5s"), "time to connect to a broker or the vault (duration)")
+        ("handshake-timeout", s("10s"), "time for the TLS and tunnel handshake (duration)")
+        ("keepalive-interval", s("15s"), "idle time between tunnel PINGs (duration)")
+        ("keepalive-timeout", s("10s"),
+         "time a PING may go unanswered before the tunnel is declared dead (duration)")
+        ("reconnect-min", s("100ms"), "first delay before dialling again (duration)")
+        ("reconnect-max", s("5s"), "longest delay between dial attempts (duration)")
+        ("max-frame-payload", s("64KiB"), "largest frame payload the broker may send (size)")
+        ("stream-window", s("4MiB"), "flow-control window of each stream (size)")
+        ("connection-window", s("32MiB"), "flow-control window of each tunnel (size)")
+        ("max-streams", po::value<std::uint32_t>()->default_value(16384),
+         "streams open at once on one tunnel")
+        ("instance-id", s(""), "name of this bridge (default: random)")
+        ("drain-timeout", s("30s"),
+         "after SIGTERM, how long running requests may take to finish (duration)")
+        ("cert-reload-interval", s("10s"),
+         "how often certificate, key and CA files are checked for changes (duration); SIGHUP "
+         "reloads them at once")
+        ("admin-listen", s("off"),
+         "HOST:PORT for /healthz, /readyz and /metrics, on a loopback address unless "
+         "--admin-allow-remote; 'off' disables it")
+        ("admin-allow-remote", po::bool_switch(),
+         "allow --admin-listen on an address other than loopback");
+    // clang-format on
     config::add_common_options(desc);
     return desc;
 }

@@ -4,7 +4,6 @@
 // certificate passed every check.
 #include <algorithm>
 
-#include "state.hpp"
 #include <boost/asio/ssl.hpp>
 #include <openssl/ssl.h>
 #include <openssl/x509_vfy.h>
@@ -14,6 +13,8 @@
 #include "taser/net/deadlines.hpp"
 #include "taser/net/listen.hpp"
 #include "taser/net/spawn.hpp"
+
+#include "state.hpp"
 
 namespace taser::broker {
 namespace {

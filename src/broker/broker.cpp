@@ -6,13 +6,14 @@
 
 #include <boost/asio/signal_set.hpp>
 
-#include "state.hpp"
 #include "taser/admin/admin.hpp"
 #include "taser/config/cli.hpp"
 #include "taser/log/log.hpp"
 #include "taser/net/listen.hpp"
 #include "taser/net/spawn.hpp"
 #include "taser/version.hpp"
+
+#include "state.hpp"
 
 namespace taser::broker {
 namespace {
@@ -28,6 +29,7 @@ constexpr std::string_view usage =
 po::options_description describe() {
     po::options_description desc("taser broker options");
     auto s = [](const char* v) { return po::value<std::string>()->default_value(v); };
+    // clang-format off
     desc.add_options()
         ("listen", s("0.0.0.0:8443"), "HOST:PORT for Vault API clients (pods)")
         ("client-edge", s("http"),
@@ -85,6 +87,7 @@ po::options_description describe() {
          "reloads them at once")
         ("admin-listen", s("0.0.0.0:9090"),
          "HOST:PORT for /healthz, /readyz and /metrics; 'off' disables it");
+    // clang-format on
     config::add_common_options(desc);
     return desc;
 }
@@ -118,8 +121,8 @@ options to_options(const po::variables_map& vm) {
                 "--passthrough-listen adds a passthrough listener beside an http --listen; with "
                 "--client-edge passthrough it is not needed");
         }
-        o.passthrough_listen =
-            config::parse_host_port("passthrough-listen", vm["passthrough-listen"].as<std::string>());
+        o.passthrough_listen = config::parse_host_port("passthrough-listen",
+                                                       vm["passthrough-listen"].as<std::string>());
     }
     if (vm.count("allow-connect")) {
         for (const auto& a : vm["allow-connect"].as<std::vector<std::string>>()) {
@@ -132,15 +135,17 @@ options to_options(const po::variables_map& vm) {
     o.plaintext = vm["plaintext"].as<bool>();
     bool needs_tls = o.edge == client_edge::http && !o.plaintext;
     if (o.edge == client_edge::passthrough && (o.plaintext || !o.tls_cert.empty())) {
-        throw config::invalid_value("--client-edge passthrough never terminates TLS: drop "
-                                    "--plaintext, --tls-cert and --tls-key");
+        throw config::invalid_value(
+            "--client-edge passthrough never terminates TLS: drop "
+            "--plaintext, --tls-cert and --tls-key");
     }
     if (needs_tls && (o.tls_cert.empty() || o.tls_key.empty())) {
         throw config::invalid_value(
             "the client port needs --tls-cert and --tls-key, or --plaintext for plain HTTP");
     }
     if (o.plaintext && (!o.tls_cert.empty() || !o.client_ca.empty())) {
-        throw config::invalid_value("--plaintext cannot be combined with --tls-cert or --client-ca");
+        throw config::invalid_value(
+            "--plaintext cannot be combined with --tls-cert or --client-ca");
     }
     o.bridge_listen = config::parse_host_port("bridge-listen", str("bridge-listen"));
     o.bridge_cert = optional_string(vm, "bridge-cert");
@@ -239,7 +244,9 @@ asio::awaitable<void> drain(state& st, tcp::acceptor& clients, tcp::acceptor& pa
 
 }  // namespace
 
-int main(int argc, char** argv) { return config::guarded_main("broker", parse_and_run, argc, argv); }
+int main(int argc, char** argv) {
+    return config::guarded_main("broker", parse_and_run, argc, argv);
+}
 
 int run(const options& o) {
     asio::io_context io(1);
@@ -285,8 +292,8 @@ int run(const options& o) {
                                  {"instance", st.instance_hex},
                                  {"replicas", o.replicas},
                                  {"client_edge", o.edge == client_edge::passthrough ? "passthrough"
-                                                 : o.plaintext                          ? "http"
-                                                                                        : "https"}});
+                                                 : o.plaintext                      ? "http"
+                                                                                    : "https"}});
     log::info("listener_started",
               {{"listener", "client"}, {"address", net::local_address(client_acceptor)}});
     log::info("listener_started",
@@ -336,7 +343,8 @@ int run(const options& o) {
         log::info("drain_started", {{"signal", number},
                                     {"drain_timeout_ms", o.drain_timeout.count()},
                                     {"clients", st.clients.size()}});
-        net::spawn(io.get_executor(), drain(st, client_acceptor, passthrough_acceptor, bridge_acceptor), "drain");
+        net::spawn(io.get_executor(),
+                   drain(st, client_acceptor, passthrough_acceptor, bridge_acceptor), "drain");
         signals.async_wait(on_signal);
     };
     signals.async_wait(on_signal);

@@ -62,6 +62,11 @@ std::string spki_pin_of_file(const std::string& pem_file);
 // Checks the syntax "sha256//" followed by 44 characters of base64.
 bool is_valid_pin(std::string_view pin);
 
+// Explains a failed handshake: the certificate check's verdict if there was one (with the local
+// time when the verdict is about validity dates, since clock skew is a common cause), else the
+// TLS error.
+std::string describe_handshake_failure(SSL* ssl, const boost::system::error_code& ec);
+
 // Returns a one-line description of the peer certificate: subject, serial and expiry.
 std::string describe_certificate(X509* cert);
 
