@@ -16,22 +16,22 @@ using error_code = boost::system::error_code;
 // Values from 0x100 up are local conditions that map to a wire code through to_wire_code().
 enum class errc : std::uint32_t {
     no_error = 0x0,
-    protocol_error = 0x1,        // the peer broke a rule of the protocol
-    internal_error = 0x2,        // a fault of our own
-    flow_control_error = 0x3,    // DATA beyond the window, or a window above 2^31-1
-    stream_closed = 0x4,         // a frame on a stream that can no longer take it
-    frame_size_error = 0x5,      // a length out of range for the frame type
-    refused_stream = 0x6,        // stream not processed at all; safe to retry elsewhere
-    cancel = 0x7,                // the stream is no longer wanted
-    connect_error = 0x8,         // the bridge could not reach the vault
-    timeout = 0x9,               // a deadline passed (keepalive, stream open, idle)
-    version_mismatch = 0xa,      // HELLO names a version this peer does not speak
-    enhance_your_calm = 0xb,     // the peer exceeded a rate or queue limit
-    forbidden = 0xc,             // the request is not allowed (for example CONNECT when off)
+    protocol_error = 0x1,      // the peer broke a rule of the protocol
+    internal_error = 0x2,      // a fault of our own
+    flow_control_error = 0x3,  // DATA beyond the window, or a window above 2^31-1
+    stream_closed = 0x4,       // a frame on a stream that can no longer take it
+    frame_size_error = 0x5,    // a length out of range for the frame type
+    refused_stream = 0x6,      // stream not processed at all; safe to retry elsewhere
+    cancel = 0x7,              // the stream is no longer wanted
+    connect_error = 0x8,       // the bridge could not reach the vault
+    timeout = 0x9,             // a deadline passed (keepalive, stream open, idle)
+    version_mismatch = 0xa,    // HELLO names a version this peer does not speak
+    enhance_your_calm = 0xb,   // the peer exceeded a rate or queue limit
+    forbidden = 0xc,           // the request is not allowed (for example CONNECT when off)
 
     // Local conditions.
-    session_closed = 0x100,      // the tunnel connection ended under a stream
-    stream_reset_by_peer = 0x101 // the peer sent RST_STREAM
+    session_closed = 0x100,       // the tunnel connection ended under a stream
+    stream_reset_by_peer = 0x101  // the peer sent RST_STREAM
 };
 
 const boost::system::error_category& error_category() noexcept;

@@ -127,14 +127,20 @@ po::options_description describe() {
         ("allow-tunnels", po::bool_switch(),
          "accept byte tunnels (a broker's passthrough edge and CONNECT); each one connects to "
          "the host and port of --vault-address and nowhere else")
-        ("vault-max-connections", po::value<std::size_t>()->default_value(128),
+        ("vault-max-connections", s("128"),
          "connections to the vault at once; further requests wait for one")
-        ("vault-max-idle", po::value<std::size_t>()->default_value(32),
+        ("vault-max-idle", s("32"),
          "idle keep-alive connections kept to the vault")
-        ("request-timeout", s("120s"), "time the vault has to answer a request (duration)")
+        ("request-timeout", s("120s"),
+         "time the vault has to answer a request, and that a request may wait for a free "
+         "connection to the vault (duration)")
+        ("tunnel-idle-timeout", s("300s"),
+         "how long a byte tunnel may move no byte before it is closed (duration)")
         ("connect-timeout", s("5s"), "time to connect to a broker or the vault (duration)")
         ("handshake-timeout", s("10s"), "time for the TLS and tunnel handshake (duration)")
-        ("keepalive-interval", s("15s"), "idle time between tunnel PINGs (duration)")
+        ("keepalive-interval", s("15s"),
+         "time from one tunnel PING's answer to the next PING; a dead path is detected "
+         "within interval + timeout (duration)")
         ("keepalive-timeout", s("10s"),
          "time a PING may go unanswered before the tunnel is declared dead (duration)")
         ("reconnect-min", s("100ms"), "first delay before dialling again (duration)")
@@ -142,7 +148,7 @@ po::options_description describe() {
         ("max-frame-payload", s("64KiB"), "largest frame payload the broker may send (size)")
         ("stream-window", s("4MiB"), "flow-control window of each stream (size)")
         ("connection-window", s("32MiB"), "flow-control window of each tunnel (size)")
-        ("max-streams", po::value<std::uint32_t>()->default_value(16384),
+        ("max-streams", s("16384"),
          "streams open at once on one tunnel")
         ("instance-id", s(""), "name of this bridge (default: random)")
         ("drain-timeout", s("30s"),
@@ -194,13 +200,16 @@ options to_options(const po::variables_map& vm) {
     o.tls_min = tls::parse_min_version("tls-min-version", str("tls-min-version"));
     o.vault = config::parse_url("vault-address", str("vault-address"));
     o.vault_ca = optional_string(vm, "vault-ca");
-    o.allow_tunnels = vm["allow-tunnels"].as<bool>();
-    o.vault_max_connections = vm["vault-max-connections"].as<std::size_t>();
-    o.vault_max_idle = vm["vault-max-idle"].as<std::size_t>();
-    if (o.vault_max_connections == 0) {
-        throw config::invalid_value("--vault-max-connections must be at least 1");
+    if (!o.vault_ca.empty() && o.vault.scheme != "https") {
+        throw config::invalid_value("--vault-ca is only used with an https --vault-address");
     }
+    o.allow_tunnels = vm["allow-tunnels"].as<bool>();
+    o.vault_max_connections = static_cast<decltype(o.vault_max_connections)>(
+        config::parse_count("vault-max-connections", str("vault-max-connections"), 1, 100000));
+    o.vault_max_idle = static_cast<decltype(o.vault_max_idle)>(
+        config::parse_count("vault-max-idle", str("vault-max-idle"), 0, 100000));
     o.request_timeout = duration("request-timeout");
+    o.tunnel_idle_timeout = duration("tunnel-idle-timeout");
     o.connect_timeout = duration("connect-timeout");
     o.handshake_timeout = duration("handshake-timeout");
     o.keepalive_interval = duration("keepalive-interval");
@@ -227,7 +236,8 @@ options to_options(const po::variables_map& vm) {
     };
     o.settings.initial_stream_window = window("stream-window");
     o.settings.initial_connection_window = window("connection-window");
-    o.settings.max_concurrent_streams = vm["max-streams"].as<std::uint32_t>();
+    o.settings.max_concurrent_streams = static_cast<decltype(o.settings.max_concurrent_streams)>(
+        config::parse_count("max-streams", str("max-streams"), 1, 1000000));
     o.settings.max_header_block = o.settings.max_frame_payload;
     o.instance_name = str("instance-id");
     o.drain_timeout = duration("drain-timeout");
@@ -387,7 +397,19 @@ asio::awaitable<void> serve_session(bridge_state& st, broker_group& g,
     };
     // A broker that drains sends GOAWAY: dial a replacement now, while this session finishes
     // its running streams.
-    session->on_goaway = [&g] { g.changed.notify(); };
+    // The draining session itself ends once its last stream is done.
+    session->on_goaway = [&st, &g, weak = std::weak_ptr<mux::session>(session)] {
+        g.changed.notify();
+        if (auto s = weak.lock()) {
+            net::spawn(
+                st.io.get_executor(),
+                [s]() -> asio::awaitable<void> {
+                    co_await s->wait_idle();
+                    s->close(make_error_code(errc::no_error));
+                },
+                "close_drained_session");
+        }
+    };
     if (st.draining) {
         session->goaway(errc::no_error, "bridge is shutting down");
     }
@@ -438,17 +460,14 @@ asio::awaitable<void> keep_connected(bridge_state& st, config::host_port broker)
             continue;
         }
         g.wanted = std::max<std::uint32_t>(1, session->peer_hello().settings.replicas);
+        // A dial that lands on a replica that already has a session replaces that session:
+        // the broker sends it GOAWAY, so it drains and stops counting as live.
         auto instance = session->peer_hello().instance;
-        bool duplicate = std::any_of(g.sessions.begin(), g.sessions.end(), [&](const auto& s) {
-            return !s->draining() && s->peer_hello().instance == instance;
-        });
-        if (duplicate) {
-            // The load balancer sent this dial to a replica that already has a session.
-            log::debug("duplicate_broker_instance",
+        if (std::any_of(g.sessions.begin(), g.sessions.end(), [&](const auto& s) {
+                return !s->draining() && s->peer_hello().instance == instance;
+            })) {
+            log::debug("broker_session_replaced",
                        {{"broker", broker.to_string()}, {"instance", net::to_hex(instance)}});
-            session->close(make_error_code(errc::no_error));
-            back_off(st, g);
-            continue;
         }
         g.sessions.push_back(session);
         net::spawn(st.io.get_executor(), serve_session(st, g, session), "broker_session");

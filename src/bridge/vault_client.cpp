@@ -14,6 +14,7 @@
 #include "taser/log/log.hpp"
 #include "taser/mux/relay.hpp"
 #include "taser/net/deadlines.hpp"
+#include "taser/net/event.hpp"
 #include "taser/net/spawn.hpp"
 
 namespace taser::bridge {
@@ -39,8 +40,8 @@ std::optional<std::uint64_t> parse_length(std::string_view v) {
 }
 
 // Answers the stream with an error of the bridge's own, in Vault's shape.
-void respond_error(const std::shared_ptr<mux::stream>& s, unsigned status,
-                   std::string_view message, unsigned retry_after = 0) {
+void respond_error(const std::shared_ptr<mux::stream>& s, unsigned status, std::string_view message,
+                   unsigned retry_after = 0) {
     auto body = taser::http::vault_error_body(message);
     frame::response_head head{static_cast<std::uint16_t>(status),
                               {{"Content-Type", "application/json"},
@@ -104,8 +105,8 @@ asio::awaitable<bool> upload(Stream& sock, deadlines& timers, std::shared_ptr<mu
             parts[count++] = asio::buffer("\r\n", 2);
         }
         timers.arm(deadlines::write, idle);
-        auto [wec, n] = co_await asio::async_write(
-            sock, std::span(parts.data(), count), as_tuple(use_awaitable));
+        auto [wec, n] = co_await asio::async_write(sock, std::span(parts.data(), count),
+                                                   as_tuple(use_awaitable));
         timers.disarm(deadlines::write);
         if (wec) {
             co_return false;
@@ -120,8 +121,8 @@ asio::awaitable<bool> upload(Stream& sock, deadlines& timers, std::shared_ptr<mu
     }
     if (!length) {
         timers.arm(deadlines::write, idle);
-        auto [wec, n] = co_await asio::async_write(sock, asio::buffer("0\r\n\r\n", 5),
-                                                   as_tuple(use_awaitable));
+        auto [wec, n] =
+            co_await asio::async_write(sock, asio::buffer("0\r\n\r\n", 5), as_tuple(use_awaitable));
         timers.disarm(deadlines::write);
         if (wec) {
             co_return false;
@@ -177,7 +178,8 @@ asio::awaitable<exchange_result> exchange(Stream& sock, vault_connection& vc,
     head += "\r\n";
 
     timers->arm(deadlines::write, opt.request_timeout);
-    auto [wec, written] = co_await asio::async_write(sock, asio::buffer(head), as_tuple(use_awaitable));
+    auto [wec, written] =
+        co_await asio::async_write(sock, asio::buffer(head), as_tuple(use_awaitable));
     timers->disarm(deadlines::write);
     if (wec) {
         timers->stop();
@@ -230,8 +232,8 @@ asio::awaitable<exchange_result> exchange(Stream& sock, vault_connection& vc,
         parser->body_limit(boost::none);
         parser->skip(head_request);
         timers->arm(deadlines::read, opt.request_timeout);
-        auto [rec, n] = co_await bhttp::async_read_header(sock, vc.buffer, *parser,
-                                                          as_tuple(use_awaitable));
+        auto [rec, n] =
+            co_await bhttp::async_read_header(sock, vc.buffer, *parser, as_tuple(use_awaitable));
         timers->disarm(deadlines::read);
         ec = rec;
         if (ec || parser->get().result_int() >= 200 || parser->get().result_int() == 101) {
@@ -264,8 +266,9 @@ asio::awaitable<exchange_result> exchange(Stream& sock, vault_connection& vc,
                 parser->get().body().data = chunk.data();
                 parser->get().body().size = chunk.size();
                 timers->arm(deadlines::read, opt.request_timeout);
-                auto [rec, n] = co_await bhttp::async_read(sock, vc.buffer, *parser,
-                                                           as_tuple(use_awaitable));
+                // read_some hands over what arrived, so a slow stream's pieces flow as sent.
+                auto [rec, n] = co_await bhttp::async_read_some(sock, vc.buffer, *parser,
+                                                                as_tuple(use_awaitable));
                 timers->disarm(deadlines::read);
                 if (rec == bhttp::error::need_buffer) {
                     rec = {};
@@ -364,8 +367,8 @@ asio::awaitable<std::unique_ptr<vault_connection>> vault_client::connect(error_c
     auto handshake_timers = std::make_shared<deadlines>(executor_, [raw] { raw->close(); });
     handshake_timers->start();
     handshake_timers->arm(deadlines::read, options_.connect_timeout);
-    auto [hec] = co_await c->tls->async_handshake(asio::ssl::stream_base::client,
-                                                  as_tuple(use_awaitable));
+    auto [hec] =
+        co_await c->tls->async_handshake(asio::ssl::stream_base::client, as_tuple(use_awaitable));
     handshake_timers->stop();
     if (hec) {
         ec = hec;
@@ -374,7 +377,8 @@ asio::awaitable<std::unique_ptr<vault_connection>> vault_client::connect(error_c
     co_return c;
 }
 
-asio::awaitable<std::unique_ptr<vault_connection>> vault_client::acquire(error_code& ec) {
+asio::awaitable<std::unique_ptr<vault_connection>> vault_client::acquire(
+    error_code& ec, std::chrono::steady_clock::time_point deadline) {
     auto now = std::chrono::steady_clock::now();
     while (!idle_.empty()) {
         auto c = std::move(idle_.back());
@@ -387,9 +391,19 @@ asio::awaitable<std::unique_ptr<vault_connection>> vault_client::acquire(error_c
         --open_;
     }
     // Limitation: waiters are not served in arrival order; under a sustained overload one
-    // request may wait longer than others. The request timeout still bounds every wait.
+    // request may wait longer than others, up to its deadline.
     while (open_ >= options_.vault_max_connections) {
+        if (std::chrono::steady_clock::now() >= deadline) {
+            ec = make_error_code(errc::timeout);
+            co_return nullptr;
+        }
+        // One shared timer wakes the waiters once a second to check their deadlines, which
+        // costs far less than a timer for each of thousands of waiting streams.
+        if (waiters_++ == 0) {
+            net::spawn(executor_, tick_waiters(), "vault_wait_ticker");
+        }
         co_await slot_freed_.wait();
+        --waiters_;
         if (!idle_.empty()) {
             auto c = std::move(idle_.back());
             idle_.pop_back();
@@ -404,6 +418,13 @@ asio::awaitable<std::unique_ptr<vault_connection>> vault_client::acquire(error_c
         slot_freed_.notify();
     }
     co_return c;
+}
+
+asio::awaitable<void> vault_client::tick_waiters() {
+    while (waiters_ > 0) {
+        co_await net::sleep(std::chrono::seconds(1));
+        slot_freed_.notify();
+    }
 }
 
 void vault_client::release(std::unique_ptr<vault_connection> c, bool reusable) {
@@ -434,8 +455,8 @@ asio::awaitable<void> vault_client::tunnel(std::shared_ptr<mux::stream> s) {
     error_code ec = rec;
     if (!ec) {
         timers->arm(deadlines::write, options_.connect_timeout);
-        auto [cec, endpoint] = co_await asio::async_connect(socket, endpoints,
-                                                            as_tuple(use_awaitable));
+        auto [cec, endpoint] =
+            co_await asio::async_connect(socket, endpoints, as_tuple(use_awaitable));
         timers->disarm(deadlines::write);
         ec = timers->expired() ? make_error_code(errc::timeout) : cec;
     }
@@ -454,7 +475,7 @@ asio::awaitable<void> vault_client::tunnel(std::shared_ptr<mux::stream> s) {
         co_return;
     }
     ++tunnels_;
-    auto counts = co_await mux::relay(socket, s, *timers, options_.request_timeout);
+    auto counts = co_await mux::relay(socket, s, *timers, options_.tunnel_idle_timeout);
     timers->stop();
     log::debug("tunnel_closed", {{"conn", s->conn_id()},
                                  {"stream", s->id()},
@@ -480,21 +501,40 @@ asio::awaitable<void> vault_client::serve(std::shared_ptr<mux::stream> s) {
     // Only origin-form targets reach the vault: whatever authority a request names, the
     // bridge connects to --vault-address and nothing else.
     if (!req.target.starts_with("/")) {
-        log::write_limited(log::level::warn, "request_rejected",
-                           {{"conn", s->conn_id()}, {"stream", s->id()}, {"reason", "target not in origin form"}});
+        log::write_limited(
+            log::level::warn, "request_rejected",
+            {{"conn", s->conn_id()}, {"stream", s->id()}, {"reason", "target not in origin form"}});
         respond_error(s, 400, "request target must be a path");
         co_return;
     }
 
-    bool bodyless = s->remote_ended() && !s->try_peek_data();
+    // Only a request that cannot change anything may be sent twice.
+    bool idempotent = req.method == "GET" || req.method == "HEAD" || req.method == "OPTIONS" ||
+                      req.method == "LIST";
+    bool replayable = idempotent && s->remote_ended() && !s->try_peek_data();
     for (int attempt = 0; attempt < 2; ++attempt) {
         error_code ec;
-        auto c = co_await acquire(ec);
+        auto c = co_await acquire(ec, std::chrono::steady_clock::now() + options_.request_timeout);
+        if (ec == errc::timeout) {
+            log::write_limited(log::level::warn, "vault_busy",
+                               {{"conn", s->conn_id()},
+                                {"stream", s->id()},
+                                {"max_connections", options_.vault_max_connections}});
+            respond_error(s, 503, "all connections to the vault are busy; retry later", 1);
+            co_return;
+        }
+        if (s->error()) {
+            // The broker gave up on this request while it waited: do not send it.
+            if (c) {
+                release(std::move(c), true);
+            }
+            co_return;
+        }
         if (!c) {
             ++unreachable_;
-            log::write_limited(log::level::error, "vault_unreachable",
-                               {{"address", options_.vault.authority.to_string()},
-                                {"error", ec.message()}});
+            log::write_limited(
+                log::level::error, "vault_unreachable",
+                {{"address", options_.vault.authority.to_string()}, {"error", ec.message()}});
             respond_error(s, 503, "the bridge cannot reach the vault: " + ec.message(), 1);
             co_return;
         }
@@ -509,8 +549,8 @@ asio::awaitable<void> vault_client::serve(std::shared_ptr<mux::stream> s) {
             co_return;
         }
         // A kept-alive connection that the vault closed meanwhile fails before any response
-        // byte; a request without a body is then safe to send again on a new connection.
-        if (reused && bodyless && r.nothing_received && !s->error()) {
+        // byte; an idempotent request without a body is then sent again on a new connection.
+        if (reused && replayable && r.nothing_received && !s->error()) {
             continue;
         }
         log::debug("vault_exchange_failed",

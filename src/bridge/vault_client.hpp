@@ -53,7 +53,11 @@ public:
 private:
     // Connects the stream's bytes to the vault address: CONNECT and passthrough.
     asio::awaitable<void> tunnel(std::shared_ptr<mux::stream> s);
-    asio::awaitable<std::unique_ptr<vault_connection>> acquire(error_code& ec);
+    // Returns a pooled or new connection; fails with errc::timeout when none is free by the
+    // deadline, or with the connect error.
+    asio::awaitable<std::unique_ptr<vault_connection>> acquire(
+        error_code& ec, std::chrono::steady_clock::time_point deadline);
+    asio::awaitable<void> tick_waiters();
     asio::awaitable<std::unique_ptr<vault_connection>> connect(error_code& ec);
     void release(std::unique_ptr<vault_connection> c, bool reusable);
 
@@ -63,6 +67,7 @@ private:
     std::deque<std::unique_ptr<vault_connection>> idle_;
     std::size_t open_ = 0;
     net::event slot_freed_;
+    std::size_t waiters_ = 0;
     std::array<std::uint64_t, 6> by_class_{};
     std::uint64_t unreachable_ = 0;
     std::uint64_t tunnels_ = 0;

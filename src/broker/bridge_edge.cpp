@@ -70,8 +70,8 @@ asio::awaitable<void> serve_bridge(state& st, tcp::socket socket) {
     }
 
     X509* cert = SSL_get0_peer_certificate(stream->native_handle());
+    auto pin = cert ? tls::spki_pin(cert) : std::string();
     if (!st.opt.bridge_pins.empty()) {
-        auto pin = cert ? tls::spki_pin(cert) : std::string();
         auto& pins = st.opt.bridge_pins;
         if (std::find(pins.begin(), pins.end(), pin) == pins.end()) {
             timers->stop();
@@ -115,16 +115,24 @@ asio::awaitable<void> serve_bridge(state& st, tcp::socket socket) {
                                    {"instance", net::to_hex(session->peer_hello().instance)},
                                    {"certificate", subject}});
     // A bridge that comes back with the same identity replaces its old session at once, so
-    // that no stream is routed into a connection that may be dead without anyone knowing yet.
+    // that no new stream is routed into a connection that may be dead without anyone knowing.
+    // The instance id alone is only a claim: the old session is replaced only when the new one
+    // also presents the same key, so that one bridge cannot evict another.
     for (const auto& old : st.pool.sessions()) {
-        if (old->peer_hello().instance == session->peer_hello().instance) {
+        auto old_pin = st.session_pins.find(old->id());
+        if (old->peer_hello().instance == session->peer_hello().instance &&
+            old_pin != st.session_pins.end() && old_pin->second == pin) {
+            // GOAWAY, not a close: new streams go to the new session at once, and streams
+            // still running on the old one finish, or fail at its keepalive if it is dead.
             log::info("bridge_replaced", {{"conn", old->id()}, {"by_conn", conn}});
-            old->close(make_error_code(errc::cancel));
+            old->goaway(errc::no_error, "replaced by a newer session of the same bridge");
         }
     }
+    st.session_pins[conn] = pin;
     st.pool.add(session);
     auto reason = co_await session->run();
     st.pool.remove(session);
+    st.session_pins.erase(conn);
     auto seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started);
     log::info("bridge_disconnected", {{"conn", conn},
                                       {"peer", peer},

@@ -38,11 +38,12 @@ std::shared_ptr<mux::session> bridge_pool::pick() const {
 }
 
 std::size_t bridge_pool::ready_count() const noexcept {
-    return static_cast<std::size_t>(
-        std::count_if(sessions_.begin(), sessions_.end(), [](const auto& s) { return s->can_open(); }));
+    return static_cast<std::size_t>(std::count_if(sessions_.begin(), sessions_.end(),
+                                                  [](const auto& s) { return s->can_open(); }));
 }
 
-asio::awaitable<std::shared_ptr<mux::session>> bridge_pool::acquire(std::chrono::milliseconds wait) {
+asio::awaitable<std::shared_ptr<mux::session>> bridge_pool::acquire(
+    std::chrono::milliseconds wait) {
     using namespace asio::experimental::awaitable_operators;
     auto deadline = std::chrono::steady_clock::now() + wait;
     for (;;) {

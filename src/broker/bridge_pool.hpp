@@ -34,7 +34,9 @@ public:
     std::size_t size() const noexcept { return sessions_.size(); }
     // Sessions that take new streams (connected and not draining).
     std::size_t ready_count() const noexcept;
-    const std::vector<std::shared_ptr<mux::session>>& sessions() const noexcept { return sessions_; }
+    const std::vector<std::shared_ptr<mux::session>>& sessions() const noexcept {
+        return sessions_;
+    }
 
 private:
     asio::any_io_executor executor_;

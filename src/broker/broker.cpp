@@ -61,24 +61,27 @@ po::options_description describe() {
         ("idle-timeout", s("60s"),
          "how long a client connection may make no progress, and wait between requests")
         ("header-timeout", s("10s"), "time for a new client to send its first request header")
+        ("tunnel-idle-timeout", s("300s"),
+         "how long a passthrough or CONNECT tunnel may move no byte before it is closed "
+         "(duration)")
         ("handshake-timeout", s("10s"), "time for a bridge's TLS and tunnel handshake")
         ("max-header-size", s("64KiB"), "largest request header block (size); larger: 431")
         ("max-body-size", s("128MiB"), "largest request body (size); larger: 413")
-        ("max-client-connections", po::value<std::size_t>()->default_value(10000),
+        ("max-client-connections", s("10000"),
          "client connections open at once; more are closed at accept")
-        ("max-handshakes", po::value<std::size_t>()->default_value(64),
+        ("max-handshakes", s("64"),
          "bridge TLS handshakes in progress at once; more are closed at accept")
-        ("max-bridges", po::value<std::size_t>()->default_value(64), "bridges connected at once")
-        ("keepalive-interval", s("15s"), "idle time between tunnel PINGs (duration)")
+        ("max-bridges", s("64"), "bridges connected at once")
+        ("keepalive-interval", s("15s"),
+         "time from one tunnel PING's answer to the next PING; a dead path is detected "
+         "within interval + timeout (duration)")
         ("keepalive-timeout", s("10s"), "time a PING may go unanswered before the tunnel is "
                                         "declared dead (duration)")
         ("max-frame-payload", s("64KiB"), "largest frame payload the bridge may send (size)")
         ("stream-window", s("4MiB"), "flow-control window of each stream (size)")
         ("connection-window", s("32MiB"), "flow-control window of each tunnel (size)")
-        ("max-streams", po::value<std::uint32_t>()->default_value(16384),
-         "streams open at once on one tunnel")
         ("instance-id", s(""), "name of this broker replica (default: random)")
-        ("replicas", po::value<std::uint32_t>()->default_value(1),
+        ("replicas", s("1"),
          "how many broker replicas serve the same address, announced to bridges")
         ("drain-timeout", s("30s"),
          "after SIGTERM, how long running requests may take to finish (duration)")
@@ -143,9 +146,14 @@ options to_options(const po::variables_map& vm) {
         throw config::invalid_value(
             "the client port needs --tls-cert and --tls-key, or --plaintext for plain HTTP");
     }
-    if (o.plaintext && (!o.tls_cert.empty() || !o.client_ca.empty())) {
+    if (o.edge == client_edge::passthrough && (!o.tls_key.empty() || !o.client_ca.empty())) {
         throw config::invalid_value(
-            "--plaintext cannot be combined with --tls-cert or --client-ca");
+            "--client-edge passthrough never terminates TLS: drop "
+            "--tls-key and --client-ca");
+    }
+    if (o.plaintext && (!o.tls_cert.empty() || !o.tls_key.empty() || !o.client_ca.empty())) {
+        throw config::invalid_value(
+            "--plaintext cannot be combined with --tls-cert, --tls-key or --client-ca");
     }
     o.bridge_listen = config::parse_host_port("bridge-listen", str("bridge-listen"));
     o.bridge_cert = optional_string(vm, "bridge-cert");
@@ -170,12 +178,14 @@ options to_options(const po::variables_map& vm) {
     o.request_timeout = duration("request-timeout");
     o.idle_timeout = duration("idle-timeout");
     o.header_timeout = duration("header-timeout");
+    o.tunnel_idle_timeout = duration("tunnel-idle-timeout");
     o.handshake_timeout = duration("handshake-timeout");
     o.max_header_bytes = config::parse_size("max-header-size", str("max-header-size"));
     o.max_body_bytes = config::parse_size("max-body-size", str("max-body-size"));
-    o.max_client_connections = vm["max-client-connections"].as<std::size_t>();
-    o.max_handshakes = vm["max-handshakes"].as<std::size_t>();
-    o.max_bridges = vm["max-bridges"].as<std::size_t>();
+    o.max_client_connections =
+        config::parse_count("max-client-connections", str("max-client-connections"), 1, 1000000);
+    o.max_handshakes = config::parse_count("max-handshakes", str("max-handshakes"), 1, 100000);
+    o.max_bridges = config::parse_count("max-bridges", str("max-bridges"), 1, 100000);
     o.keepalive_interval = duration("keepalive-interval");
     o.keepalive_timeout = duration("keepalive-timeout");
     auto payload = config::parse_size("max-frame-payload", str("max-frame-payload"));
@@ -190,9 +200,9 @@ options to_options(const po::variables_map& vm) {
         to_window("stream-window", config::parse_size("stream-window", str("stream-window")));
     o.settings.initial_connection_window = to_window(
         "connection-window", config::parse_size("connection-window", str("connection-window")));
-    o.settings.max_concurrent_streams = vm["max-streams"].as<std::uint32_t>();
     o.instance_name = str("instance-id");
-    o.replicas = vm["replicas"].as<std::uint32_t>();
+    o.replicas =
+        static_cast<std::uint32_t>(config::parse_count("replicas", str("replicas"), 1, 1000));
     o.drain_timeout = duration("drain-timeout");
     o.cert_reload_interval = duration("cert-reload-interval");
     if (o.cert_reload_interval.count() <= 0) {

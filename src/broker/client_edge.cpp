@@ -8,13 +8,14 @@
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
 
-#include "state.hpp"
 #include "taser/config/parse.hpp"
 #include "taser/http/message.hpp"
-#include "taser/mux/relay.hpp"
 #include "taser/log/log.hpp"
+#include "taser/mux/relay.hpp"
 #include "taser/net/deadlines.hpp"
 #include "taser/net/spawn.hpp"
+
+#include "state.hpp"
 
 namespace taser::broker {
 namespace {
@@ -30,6 +31,11 @@ constexpr std::size_t body_chunk_bytes = 64 * 1024;
 // Response data already received is gathered into one write up to this size.
 constexpr std::size_t coalesce_bytes = 256 * 1024;
 constexpr std::string_view continue_100 = "HTTP/1.1 100 Continue\r\n\r\n";
+
+// The read buffer holds a whole header block, plus room to read ahead into the body.
+beast::flat_buffer read_buffer(const state& st) {
+    return beast::flat_buffer(static_cast<std::size_t>(st.opt.max_header_bytes) + 64 * 1024);
+}
 
 bool ordinary_end(const error_code& ec) {
     return ec == asio::error::eof || ec == asio::error::connection_reset ||
@@ -72,8 +78,8 @@ struct client {
             }
             searched = have.size() < 3 ? 0 : have.size() - 3;
             auto room = std::min<std::size_t>(max_bytes - have.size() + 4, 16 * 1024);
-            auto [ec, got] = co_await stream.async_read_some(buffer.prepare(room),
-                                                              as_tuple(use_awaitable));
+            auto [ec, got] =
+                co_await stream.async_read_some(buffer.prepare(room), as_tuple(use_awaitable));
             if (ec) {
                 co_return std::tuple{ec, std::size_t{0}};
             }
@@ -117,13 +123,21 @@ asio::awaitable<bool> upload(client<Stream>& c, bhttp::request_parser<bhttp::buf
         parser.get().body().data = chunk.data();
         parser.get().body().size = chunk.size();
         c.timers->arm(deadlines::read, c.st.opt.idle_timeout);
-        auto [ec, n] = co_await bhttp::async_read(c.stream, c.buffer, parser, as_tuple(use_awaitable));
+        // read_some hands over what arrived, so a slowly sent body flows on as it comes.
+        auto [ec, n] =
+            co_await bhttp::async_read_some(c.stream, c.buffer, parser, as_tuple(use_awaitable));
         c.timers->disarm(deadlines::read);
         if (ec == bhttp::error::need_buffer) {
             ec = {};
         }
         if (ec) {
             body_too_large = ec == bhttp::error::body_limit;
+            if (body_too_large) {
+                log::write_limited(log::level::warn, "request_rejected",
+                                   {{"conn", c.conn},
+                                    {"peer", c.peer},
+                                    {"reason", "body larger than --max-body-size"}});
+            }
             log::debug("request_body_failed",
                        {{"conn", c.conn}, {"stream", s->id()}, {"error", ec.message()}});
             s->reset(errc::cancel);
@@ -143,7 +157,7 @@ asio::awaitable<bool> upload(client<Stream>& c, bhttp::request_parser<bhttp::buf
 
 struct response_outcome {
     unsigned status = 0;
-    bool complete = false;   // the whole response reached the client
+    bool complete = false;  // the whole response reached the client
     bool keep_alive = false;
     std::uint64_t body_bytes = 0;
 };
@@ -151,16 +165,17 @@ struct response_outcome {
 // Waits for the response on the stream and writes it to the client.
 template <class Stream>
 asio::awaitable<response_outcome> download(client<Stream>& c, std::shared_ptr<mux::stream> s,
-                                           bool head_request, bool http11, bool keep_alive) {
+                                           bool head_request, bool http11, bool keep_alive,
+                                           const bool& body_too_large) {
     using namespace asio::experimental::awaitable_operators;
     response_outcome out;
     auto& opt = c.st.opt;
 
     auto first = co_await (s->read_response_head() || net::sleep(opt.request_timeout));
     if (first.index() == 1) {
-        log::warn("request_timeout", {{"conn", c.conn},
-                                      {"stream", s->id()},
-                                      {"timeout_ms", opt.request_timeout.count()}});
+        log::warn(
+            "request_timeout",
+            {{"conn", c.conn}, {"stream", s->id()}, {"timeout_ms", opt.request_timeout.count()}});
         s->reset(errc::timeout);
         out.status = 504;
         out.keep_alive = co_await c.fail(504, "timed out waiting for the vault's response", true);
@@ -168,13 +183,21 @@ asio::awaitable<response_outcome> download(client<Stream>& c, std::shared_ptr<mu
         co_return out;
     }
     auto head = std::get<0>(std::move(first));
+    if (!head && body_too_large) {
+        // The upload stopped at --max-body-size and reset the stream: that is the reason.
+        out.status = 413;
+        out.keep_alive = co_await c.fail(413, "request body larger than the broker's limit", true);
+        out.complete = true;
+        co_return out;
+    }
     if (!head) {
         auto ec = head.error();
         if (ec == errc::refused_stream ||
-            (ec == errc::stream_reset_by_peer && s->peer_reset_code() ==
-                                                     static_cast<std::uint32_t>(errc::refused_stream))) {
+            (ec == errc::stream_reset_by_peer &&
+             s->peer_reset_code() == static_cast<std::uint32_t>(errc::refused_stream))) {
             out.status = 503;
-            out.keep_alive = co_await c.fail(503, "bridge refused the request; retry", !keep_alive, 1);
+            out.keep_alive =
+                co_await c.fail(503, "bridge refused the request; retry", !keep_alive, 1);
         } else {
             out.status = 502;
             out.keep_alive = co_await c.fail(
@@ -238,8 +261,9 @@ asio::awaitable<response_outcome> download(client<Stream>& c, std::shared_ptr<mu
                 break;
             }
             if (status_now == mux::stream::poll_result::error) {
-                log::debug("response_body_failed",
-                           {{"conn", c.conn}, {"stream", s->id()}, {"error", s->error().message()}});
+                log::debug(
+                    "response_body_failed",
+                    {{"conn", c.conn}, {"stream", s->id()}, {"error", s->error().message()}});
                 co_await c.write(asio::buffer(text));
                 co_return out;  // the client sees a message cut short, never a short one
             }
@@ -292,9 +316,9 @@ asio::awaitable<response_outcome> download(client<Stream>& c, std::shared_ptr<mu
         // Nothing buffered: wait for more, but not longer than a connection may stay idle.
         auto more = co_await (s->wait_readable() || net::sleep(opt.idle_timeout));
         if (more.index() == 1) {
-            log::warn("response_stalled", {{"conn", c.conn},
-                                            {"stream", s->id()},
-                                            {"timeout_ms", opt.idle_timeout.count()}});
+            log::warn(
+                "response_stalled",
+                {{"conn", c.conn}, {"stream", s->id()}, {"timeout_ms", opt.idle_timeout.count()}});
             s->reset(errc::timeout);
             co_return out;
         }
@@ -306,8 +330,8 @@ asio::awaitable<response_outcome> download(client<Stream>& c, std::shared_ptr<mu
 }
 
 // Opens a byte tunnel stream and waits until the bridge reports that it reached the vault.
-// Returns the stream, or null with the reason in `status` (503: no bridge, 502: the bridge
-// could not reach the vault or refused).
+// Returns the stream, or null with the reason in `status`: 0 when no bridge took the stream,
+// else the bridge's answer (503 when it cannot reach the vault) or 502 when none came.
 asio::awaitable<std::shared_ptr<mux::stream>> open_tunnel(state& st, std::uint64_t conn,
                                                           std::string authority, unsigned& status) {
     using namespace asio::experimental::awaitable_operators;
@@ -316,12 +340,12 @@ asio::awaitable<std::shared_ptr<mux::stream>> open_tunnel(state& st, std::uint64
         ++st.stats.requests_no_bridge;
         log::write_limited(log::level::warn, "no_bridge",
                            {{"conn", conn}, {"wait_ms", st.opt.bridge_wait.count()}});
-        status = 503;
+        status = 0;
         co_return nullptr;
     }
     auto opened = session->open({"CONNECT", std::move(authority), {}}, false);
     if (!opened) {
-        status = 503;
+        status = 0;
         co_return nullptr;
     }
     auto s = *opened;
@@ -356,10 +380,11 @@ asio::awaitable<bool> connect_tunnel(client<Stream>& c, std::string authority) {
     if (!valid) {
         co_return co_await c.fail(400, "invalid CONNECT authority", true);
     }
-    auto allowed = std::any_of(st.opt.connect_authorities.begin(),
-                               st.opt.connect_authorities.end(), [&](const config::host_port& a) {
-                                   return a.port == asked.port && beast::iequals(a.host, asked.host);
-                               });
+    auto allowed =
+        std::any_of(st.opt.connect_authorities.begin(), st.opt.connect_authorities.end(),
+                    [&](const config::host_port& a) {
+                        return a.port == asked.port && beast::iequals(a.host, asked.host);
+                    });
     if (!allowed) {
         log::write_limited(log::level::warn, "request_rejected",
                            {{"conn", c.conn},
@@ -372,13 +397,15 @@ asio::awaitable<bool> connect_tunnel(client<Stream>& c, std::string authority) {
     unsigned status = 0;
     auto s = co_await open_tunnel(st, c.conn, asked.to_string(), status);
     if (!s) {
-        co_return co_await c.fail(status == 503 ? 503 : 502,
-                                  status == 503 ? "no bridge to the vault is connected; retry later"
-                                                : "the bridge could not open a tunnel to the vault",
-                                  true, status == 503 ? 1 : 0);
+        std::string_view why = status == 0     ? "no bridge to the vault is connected; retry later"
+                               : status == 503 ? "the bridge cannot reach the vault; retry later"
+                                               : "the bridge refused or failed to open the tunnel";
+        bool never_reached = status == 0 || status == 503;
+        co_return co_await c.fail(never_reached ? 503 : 502, why, true, never_reached ? 1 : 0);
     }
     c.count(200);
-    if (co_await c.write(asio::buffer(std::string_view("HTTP/1.1 200 Connection Established\r\n\r\n")))) {
+    if (co_await c.write(
+            asio::buffer(std::string_view("HTTP/1.1 200 Connection Established\r\n\r\n")))) {
         s->reset(errc::cancel);
         co_return false;
     }
@@ -387,7 +414,8 @@ asio::awaitable<bool> connect_tunnel(client<Stream>& c, std::string authority) {
     std::vector<std::uint8_t> prefix(first, first + c.buffer.size());
     c.buffer.consume(c.buffer.size());
     ++st.stats.tunnels_total;
-    auto counts = co_await mux::relay(c.stream, s, *c.timers, st.opt.idle_timeout, std::move(prefix));
+    auto counts =
+        co_await mux::relay(c.stream, s, *c.timers, st.opt.tunnel_idle_timeout, std::move(prefix));
     st.stats.tunnel_bytes_up += counts.to_stream;
     st.stats.tunnel_bytes_down += counts.from_stream;
     log::debug("tunnel_closed", {{"conn", c.conn},
@@ -401,7 +429,8 @@ asio::awaitable<bool> connect_tunnel(client<Stream>& c, std::string authority) {
 // Serves one request whose header has been parsed. Returns whether the connection may serve
 // another request.
 template <class Stream>
-asio::awaitable<bool> exchange(client<Stream>& c, bhttp::request_parser<bhttp::buffer_body>& parser) {
+asio::awaitable<bool> exchange(client<Stream>& c,
+                               bhttp::request_parser<bhttp::buffer_body>& parser) {
     auto& st = c.st;
     auto& req = parser.get();
     auto started = std::chrono::steady_clock::now();
@@ -423,22 +452,28 @@ asio::awaitable<bool> exchange(client<Stream>& c, bhttp::request_parser<bhttp::b
         }
     }
     if (lengths > 1 || (lengths && codings) || codings > 1 || bad_coding) {
-        log::write_limited(log::level::warn, "request_rejected",
-                           {{"conn", c.conn}, {"peer", c.peer}, {"reason", "ambiguous body framing"}});
-        co_return co_await c.fail(400, "ambiguous request framing (Content-Length and "
-                                       "Transfer-Encoding)", true);
+        log::write_limited(
+            log::level::warn, "request_rejected",
+            {{"conn", c.conn}, {"peer", c.peer}, {"reason", "ambiguous body framing"}});
+        co_return co_await c.fail(400,
+                                  "ambiguous request framing (Content-Length and "
+                                  "Transfer-Encoding)",
+                                  true);
     }
     if (req.method() == bhttp::verb::connect) {
         co_return co_await connect_tunnel(c, std::string(req.target()));
     }
     auto target = taser::http::to_origin_form(req.target());
     if (!target) {
-        log::write_limited(log::level::warn, "request_rejected",
-                           {{"conn", c.conn}, {"peer", c.peer}, {"reason", "invalid request target"}});
+        log::write_limited(
+            log::level::warn, "request_rejected",
+            {{"conn", c.conn}, {"peer", c.peer}, {"reason", "invalid request target"}});
         co_return co_await c.fail(400, "invalid request target", true);
     }
 
-    bool keep_alive = req.keep_alive() && !st.draining;
+    // RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing for any
+    // HTTP/1.0 hop in front of us, so the connection ends after this exchange.
+    bool keep_alive = req.keep_alive() && !st.draining && !(req.version() < 11 && codings > 0);
     bool http11 = req.version() >= 11;
     bool head_request = req.method() == bhttp::verb::head;
     auto length = parser.content_length();
@@ -490,7 +525,7 @@ asio::awaitable<bool> exchange(client<Stream>& c, bhttp::request_parser<bhttp::b
             "client_upload");
     }
 
-    auto out = co_await download(c, s, head_request, http11, keep_alive);
+    auto out = co_await download(c, s, head_request, http11, keep_alive, body_too_large);
 
     if (upload_running) {
         // The response is out (or failed) before the body was read: stop reading it. The
@@ -500,10 +535,6 @@ asio::awaitable<bool> exchange(client<Stream>& c, bhttp::request_parser<bhttp::b
         while (upload_running) {
             co_await upload_finished.wait();
         }
-        out.keep_alive = false;
-    }
-    if (!upload_ok && body_too_large && out.status == 0) {
-        co_await c.fail(413, "request body larger than the broker's limit", true);
         out.keep_alive = false;
     }
     if (!upload_ok) {
@@ -525,7 +556,7 @@ asio::awaitable<bool> exchange(client<Stream>& c, bhttp::request_parser<bhttp::b
                                {"response_bytes", out.body_bytes},
                                {"duration_us", elapsed.count()}});
     }
-    co_return out.complete && out.keep_alive;
+    co_return out.complete&& out.keep_alive;
 }
 
 // Reads the header block, rejecting what Beast's parser would accept but a vault might read
@@ -538,8 +569,9 @@ asio::awaitable<bool> serve_one(client<Stream>& c, bool first) {
     c.timers->disarm(deadlines::read);
     if (ec) {
         if (ec == asio::error::not_found) {
-            log::write_limited(log::level::warn, "request_rejected",
-                               {{"conn", c.conn}, {"peer", c.peer}, {"reason", "header too large"}});
+            log::write_limited(
+                log::level::warn, "request_rejected",
+                {{"conn", c.conn}, {"peer", c.peer}, {"reason", "header too large"}});
             co_await c.fail(431, "request header fields too large", true);
         } else if (c.timers->expired()) {
             log::debug("client_timeout", {{"conn", c.conn}, {"peer", c.peer}});
@@ -551,8 +583,9 @@ asio::awaitable<bool> serve_one(client<Stream>& c, bool first) {
     std::string_view block(static_cast<const char*>(c.buffer.data().data()), n);
     if (block.find("\r\n ") != std::string_view::npos ||
         block.find("\r\n\t") != std::string_view::npos) {
-        log::write_limited(log::level::warn, "request_rejected",
-                           {{"conn", c.conn}, {"peer", c.peer}, {"reason", "obsolete line folding"}});
+        log::write_limited(
+            log::level::warn, "request_rejected",
+            {{"conn", c.conn}, {"peer", c.peer}, {"reason", "obsolete line folding"}});
         co_await c.fail(400, "obsolete line folding in request header", true);
         co_return false;
     }
@@ -594,9 +627,10 @@ asio::awaitable<void> serve_client(state& st, tcp::socket socket, std::uint64_t 
     error_code ignored;
     socket.set_option(tcp::no_delay(true), ignored);
     auto endpoint = socket.remote_endpoint(ignored);
-    std::string peer = endpoint.address().is_v6()
-                           ? "[" + endpoint.address().to_string() + "]:" + std::to_string(endpoint.port())
-                           : endpoint.address().to_string() + ":" + std::to_string(endpoint.port());
+    std::string peer =
+        endpoint.address().is_v6()
+            ? "[" + endpoint.address().to_string() + "]:" + std::to_string(endpoint.port())
+            : endpoint.address().to_string() + ":" + std::to_string(endpoint.port());
     log::debug("client_connected", {{"conn", conn}, {"peer", peer}});
 
     if (!st.client_tls) {
@@ -609,7 +643,7 @@ asio::awaitable<void> serve_client(state& st, tcp::socket socket, std::uint64_t 
             error_code e;
             socket.close(e);
         };
-        client<tcp::socket> c{st, socket, conn, peer, timers, beast::flat_buffer(64 * 1024)};
+        client<tcp::socket> c{st, socket, conn, peer, timers, read_buffer(st)};
         co_await serve_connection(c);
         timers->stop();
         socket.shutdown(tcp::socket::shutdown_both, ignored);
@@ -627,8 +661,8 @@ asio::awaitable<void> serve_client(state& st, tcp::socket socket, std::uint64_t 
     st.clients[conn].close = close_socket;
 
     timers->arm(deadlines::read, st.opt.header_timeout);
-    auto [ec] = co_await stream.async_handshake(asio::ssl::stream_base::server,
-                                                as_tuple(use_awaitable));
+    auto [ec] =
+        co_await stream.async_handshake(asio::ssl::stream_base::server, as_tuple(use_awaitable));
     timers->disarm(deadlines::read);
     if (ec) {
         log::write_limited(log::level::warn, "client_handshake_failed",
@@ -637,8 +671,7 @@ asio::awaitable<void> serve_client(state& st, tcp::socket socket, std::uint64_t 
         timers->stop();
         co_return;
     }
-    client<asio::ssl::stream<tcp::socket>> c{st, stream, conn, peer, timers,
-                                             beast::flat_buffer(64 * 1024)};
+    client<asio::ssl::stream<tcp::socket>> c{st, stream, conn, peer, timers, read_buffer(st)};
     co_await serve_connection(c);
     // close_notify, bounded by the write deadline, so the client can tell the end from a cut.
     timers->arm(deadlines::write, std::chrono::seconds(2));
@@ -664,13 +697,14 @@ asio::awaitable<void> serve_passthrough(state& st, tcp::socket socket, std::uint
     unsigned status = 0;
     auto s = co_await open_tunnel(st, conn, "passthrough", status);
     if (!s) {
-        // A clean close: the client sees a connection error and retries.
+        // Closed unanswered (a reset if the client already sent bytes): the client sees a
+        // connection error and retries.
         log::debug("passthrough_refused", {{"conn", conn}, {"status", status}});
         timers->stop();
         co_return;
     }
     ++st.stats.tunnels_total;
-    auto counts = co_await mux::relay(socket, s, *timers, st.opt.idle_timeout);
+    auto counts = co_await mux::relay(socket, s, *timers, st.opt.tunnel_idle_timeout);
     timers->stop();
     st.stats.tunnel_bytes_up += counts.to_stream;
     st.stats.tunnel_bytes_down += counts.from_stream;
@@ -712,14 +746,22 @@ asio::awaitable<void> accept_clients(state& st, tcp::acceptor& acceptor, client_
         net::spawn(
             st.io.get_executor(),
             [&st, conn, edge, s = std::move(socket)]() mutable -> asio::awaitable<void> {
+                // The entry's close function points into this connection's frame, so it must
+                // go whatever way the connection ends, exceptions included.
+                struct entry_guard {
+                    state& st;
+                    std::uint64_t conn;
+                    ~entry_guard() {
+                        st.clients.erase(conn);
+                        st.clients_idle.notify();
+                        log::debug("client_closed", {{"conn", conn}});
+                    }
+                } guard{st, conn};
                 if (edge == client_edge::passthrough) {
                     co_await serve_passthrough(st, std::move(s), conn);
                 } else {
                     co_await serve_client(st, std::move(s), conn);
                 }
-                st.clients.erase(conn);
-                st.clients_idle.notify();
-                log::debug("client_closed", {{"conn", conn}});
             },
             "client_connection");
     }

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // The broker's metrics in Prometheus text format (docs/operations.md lists them).
-#include "state.hpp"
 #include "taser/net/listen.hpp"
+
+#include "state.hpp"
 
 namespace taser::broker {
 

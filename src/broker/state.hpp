@@ -11,11 +11,12 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ssl/context.hpp>
 
-#include "bridge_pool.hpp"
 #include "taser/broker/broker.hpp"
 #include "taser/metrics/metrics.hpp"
 #include "taser/net/event.hpp"
 #include "taser/tls/reloader.hpp"
+
+#include "bridge_pool.hpp"
 
 namespace taser::broker {
 
@@ -38,13 +39,16 @@ struct counters {
 
 // A client connection as the drain on SIGTERM sees it.
 struct client_entry {
-    bool busy = false;             // an exchange is running
-    std::function<void()> close;   // closes the socket at once
+    bool busy = false;            // an exchange is running
+    std::function<void()> close;  // closes the socket at once
 };
 
 struct state {
     state(asio::io_context& io_context, const options& o)
-        : io(io_context), opt(o), pool(io_context.get_executor()), clients_idle(io.get_executor()) {}
+        : io(io_context),
+          opt(o),
+          pool(io_context.get_executor()),
+          clients_idle(io.get_executor()) {}
 
     std::uint64_t next_conn_id() noexcept { return next_conn++; }
 
@@ -60,7 +64,8 @@ struct state {
     bool draining = false;
     std::size_t handshakes_in_progress = 0;
     std::map<std::uint64_t, client_entry> clients;
-    net::event clients_idle;  // notified when a client connection ends
+    std::map<std::uint64_t, std::string> session_pins;  // bridge conn id to its key pin
+    net::event clients_idle;                            // notified when a client connection ends
     counters stats;
 };
 

@@ -56,8 +56,8 @@ asio::awaitable<void> serve_one(tcp::socket socket, const handlers& h) {
     } else {
         auto target = parser.get().target();
         auto path = target.substr(0, target.find('?'));
-        bool get = parser.get().method() == bhttp::verb::get ||
-                   parser.get().method() == bhttp::verb::head;
+        bool get =
+            parser.get().method() == bhttp::verb::get || parser.get().method() == bhttp::verb::head;
         if (!get) {
             response = respond(405, "Method Not Allowed", "text/plain", "only GET\n");
         } else if (path == "/healthz") {

@@ -2,14 +2,6 @@
 // `taser certs`: throwaway certificates for trials. Production uses the operator's PKI.
 #include "taser/tls/certs.hpp"
 
-#include <fcntl.h>
-#include <openssl/evp.h>
-#include <openssl/pem.h>
-#include <openssl/rand.h>
-#include <openssl/x509v3.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <filesystem>
 #include <iostream>
 #include <memory>
@@ -17,10 +9,18 @@
 #include <vector>
 
 #include <boost/program_options.hpp>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/rand.h>
+#include <openssl/x509v3.h>
 
 #include "taser/config/cli.hpp"
 #include "taser/config/parse.hpp"
 #include "taser/tls/context.hpp"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 namespace taser::tls {
 namespace {
@@ -34,7 +34,9 @@ using cert_ptr = std::unique_ptr<X509, decltype(&X509_free)>;
 // does not see them as not yet valid.
 constexpr long backdate_seconds = 5 * 60;
 
-[[noreturn]] void fail(const std::string& what) { throw load_error(what + ": " + last_openssl_error()); }
+[[noreturn]] void fail(const std::string& what) {
+    throw load_error(what + ": " + last_openssl_error());
+}
 
 key_ptr make_key() {
     key_ptr key(EVP_EC_gen("P-256"), &EVP_PKEY_free);
@@ -128,15 +130,15 @@ std::string san_list(const std::vector<std::string>& names) {
 
 int run(int argc, char** argv) {
     po::options_description desc("taser certs options");
-    desc.add_options()
-        ("out", po::value<std::string>(), "directory to write the files to (created if missing)")
-        ("broker-host", po::value<std::vector<std::string>>(),
-         "a name or IP address that bridges use to reach the broker (repeatable)")
-        ("bridge-name", po::value<std::string>()->default_value("bridge"),
-         "common name of the bridge certificate")
-        ("days", po::value<long>()->default_value(365), "validity of every certificate, in days")
-        ("force", po::bool_switch(), "overwrite existing files")
-        ("help,h", "print this help and exit");
+    desc.add_options()("out", po::value<std::string>(),
+                       "directory to write the files to (created if missing)")(
+        "broker-host", po::value<std::vector<std::string>>(),
+        "a name or IP address that bridges use to reach the broker (repeatable)")(
+        "bridge-name", po::value<std::string>()->default_value("bridge"),
+        "common name of the bridge certificate")("days", po::value<long>()->default_value(365),
+                                                 "validity of every certificate, in days")(
+        "force", po::bool_switch(), "overwrite existing files")("help,h",
+                                                                "print this help and exit");
     po::variables_map vm;
     po::store(po::command_line_parser(argc, argv).options(desc).run(), vm);
     po::notify(vm);
@@ -214,6 +216,8 @@ int run(int argc, char** argv) {
 
 }  // namespace
 
-int certs_main(int argc, char** argv) { return config::guarded_main("certs", run, argc, argv); }
+int certs_main(int argc, char** argv) {
+    return config::guarded_main("certs", run, argc, argv);
+}
 
 }  // namespace taser::tls

@@ -14,15 +14,14 @@
 namespace taser::config {
 
 void add_common_options(po::options_description& desc) {
-    desc.add_options()
-        ("config", po::value<std::string>(),
-         "read options from this file: one 'name = value' a line, names as the long flags "
-         "without dashes; flags and TASER_* variables take precedence")
-        ("log-level", po::value<std::string>()->default_value("info"),
-         "error, warn, info, debug or trace")
-        ("log-format", po::value<std::string>()->default_value("json"),
-         "json (one object a line) or text")
-        ("help,h", "print this help and exit");
+    desc.add_options()(
+        "config", po::value<std::string>(),
+        "read options from this file: one 'name = value' a line, names as the long flags "
+        "without dashes; flags and TASER_* variables take precedence")(
+        "log-level", po::value<std::string>()->default_value("info"),
+        "error, warn, info, debug or trace")(
+        "log-format", po::value<std::string>()->default_value("json"),
+        "json (one object a line) or text")("help,h", "print this help and exit");
 }
 
 std::optional<po::variables_map> parse(int argc, char** argv, const po::options_description& desc,
@@ -44,8 +43,7 @@ std::optional<po::variables_map> parse(int argc, char** argv, const po::options_
                                                            return c == '_' ? '-' : std::tolower(c);
                                                        });
                                         // Variables that name no option are someone else's.
-                                        if (name == "help" ||
-                                            !desc.find_nothrow(name, false)) {
+                                        if (name == "help" || !desc.find_nothrow(name, false)) {
                                             return {};
                                         }
                                         return name;
@@ -74,7 +72,8 @@ std::optional<po::variables_map> parse(int argc, char** argv, const po::options_
     } else if (format == "text") {
         log::set_format(log::format::text);
     } else {
-        throw invalid_value("invalid value '" + format + "' for --log-format: expected json or text");
+        throw invalid_value("invalid value '" + format +
+                            "' for --log-format: expected json or text");
     }
     return vm;
 }

@@ -32,20 +32,34 @@ const boost::system::error_category& error_category() noexcept {
 
 std::string_view wire_code_name(std::uint32_t code) noexcept {
     switch (static_cast<errc>(code)) {
-        case errc::no_error: return "no_error";
-        case errc::protocol_error: return "protocol_error";
-        case errc::internal_error: return "internal_error";
-        case errc::flow_control_error: return "flow_control_error";
-        case errc::stream_closed: return "stream_closed";
-        case errc::frame_size_error: return "frame_size_error";
-        case errc::refused_stream: return "refused_stream";
-        case errc::cancel: return "cancel";
-        case errc::connect_error: return "connect_error";
-        case errc::timeout: return "timeout";
-        case errc::version_mismatch: return "version_mismatch";
-        case errc::enhance_your_calm: return "enhance_your_calm";
-        case errc::forbidden: return "forbidden";
-        default: return "unknown";
+        case errc::no_error:
+            return "no_error";
+        case errc::protocol_error:
+            return "protocol_error";
+        case errc::internal_error:
+            return "internal_error";
+        case errc::flow_control_error:
+            return "flow_control_error";
+        case errc::stream_closed:
+            return "stream_closed";
+        case errc::frame_size_error:
+            return "frame_size_error";
+        case errc::refused_stream:
+            return "refused_stream";
+        case errc::cancel:
+            return "cancel";
+        case errc::connect_error:
+            return "connect_error";
+        case errc::timeout:
+            return "timeout";
+        case errc::version_mismatch:
+            return "version_mismatch";
+        case errc::enhance_your_calm:
+            return "enhance_your_calm";
+        case errc::forbidden:
+            return "forbidden";
+        default:
+            return "unknown";
     }
 }
 

@@ -116,13 +116,8 @@ bool is_tchar(unsigned char c) noexcept {
     if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9')) {
         return true;
     }
-    switch (c) {
-        case '!': case '#': case '$': case '%': case '&': case '\'': case '*': case '+':
-        case '-': case '.': case '^': case '_': case '`': case '|': case '~':
-            return true;
-        default:
-            return false;
-    }
+    // RFC 9110 §5.6.2: the other characters a token may hold.
+    return std::string_view("!#$%&'*+-.^_`|~").find(static_cast<char>(c)) != std::string_view::npos;
 }
 
 }  // namespace
@@ -133,8 +128,8 @@ std::array<std::uint8_t, 4> encode_u32(std::uint32_t v) {
 }
 
 std::uint32_t decode_u32(const std::uint8_t* p) {
-    return (std::uint32_t{p[0]} << 24) | (std::uint32_t{p[1]} << 16) |
-           (std::uint32_t{p[2]} << 8) | std::uint32_t{p[3]};
+    return (std::uint32_t{p[0]} << 24) | (std::uint32_t{p[1]} << 16) | (std::uint32_t{p[2]} << 8) |
+           std::uint32_t{p[3]};
 }
 
 result<frame_header> decode_header(bytes header, std::uint32_t max_payload_bytes) {
@@ -225,8 +220,10 @@ void append_frame(std::vector<std::uint8_t>& out, frame_type type, std::uint8_t 
 
 std::string_view role_name(role r) noexcept {
     switch (r) {
-        case role::broker: return "broker";
-        case role::bridge: return "bridge";
+        case role::broker:
+            return "broker";
+        case role::bridge:
+            return "bridge";
     }
     return "unknown";
 }
@@ -278,12 +275,19 @@ result<hello> decode_hello(bytes payload) {
                 h.settings.max_frame_payload = value;
                 break;
             case setting_id::initial_stream_window:
+                // A window of 0 would stall every body: no WINDOW_UPDATE can start one.
+                if (value == 0) {
+                    return make_error_code(errc::protocol_error);
+                }
                 if (value > max_window) {
                     return make_error_code(errc::flow_control_error);
                 }
                 h.settings.initial_stream_window = value;
                 break;
             case setting_id::initial_connection_window:
+                if (value == 0) {
+                    return make_error_code(errc::protocol_error);
+                }
                 if (value > max_window) {
                     return make_error_code(errc::flow_control_error);
                 }
@@ -380,8 +384,9 @@ result<std::uint32_t> decode_window_update(bytes payload) {
 }
 
 bool is_token(std::string_view s) noexcept {
-    return !s.empty() &&
-           std::all_of(s.begin(), s.end(), [](char c) { return is_tchar(static_cast<unsigned char>(c)); });
+    return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) {
+        return is_tchar(static_cast<unsigned char>(c));
+    });
 }
 
 bool is_field_value(std::string_view s) noexcept {

@@ -1,13 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
 // HTTP/1.1 pieces that both edges share.
-#include "taser/http/message.hpp"
-
 #include <algorithm>
 #include <array>
 
 #include <boost/beast/core/string.hpp>
 #include <boost/beast/http/status.hpp>
 
+#include "taser/http/message.hpp"
 #include "taser/log/log.hpp"
 
 namespace taser::http {
@@ -31,8 +30,8 @@ std::string_view trim(std::string_view s) noexcept {
 
 bool is_hop_by_hop(std::string_view name) noexcept {
     static constexpr std::array<std::string_view, 10> names = {
-        "connection", "keep-alive",  "proxy-connection",   "te",
-        "transfer-encoding", "upgrade", "trailer", "proxy-authorization",
+        "connection",         "keep-alive",    "proxy-connection", "te",
+        "transfer-encoding",  "upgrade",       "trailer",          "proxy-authorization",
         "proxy-authenticate", "http2-settings"};
     return std::any_of(names.begin(), names.end(),
                        [&](std::string_view n) { return iequals(n, name); });
@@ -84,8 +83,9 @@ std::optional<std::string_view> find_field(const std::vector<frame::field>& fiel
 }
 
 std::size_t count_fields(const std::vector<frame::field>& fields, std::string_view name) noexcept {
-    return static_cast<std::size_t>(std::count_if(
-        fields.begin(), fields.end(), [&](const frame::field& f) { return iequals(f.name, name); }));
+    return static_cast<std::size_t>(
+        std::count_if(fields.begin(), fields.end(),
+                      [&](const frame::field& f) { return iequals(f.name, name); }));
 }
 
 void append_fields(std::string& out, const std::vector<frame::field>& fields) {
@@ -133,10 +133,11 @@ std::string error_response(unsigned status, std::string_view message, bool close
 std::string loggable_path(std::string_view target) {
     auto path = target.substr(0, target.find_first_of("?#"));
     // Vault's token API takes tokens and accessors in the path on these routes.
-    static constexpr std::array<std::string_view, 6> secret_tails = {
-        "/v1/auth/token/lookup/",   "/v1/auth/token/revoke/",
-        "/v1/auth/token/renew/",    "/v1/auth/token/lookup-accessor/",
-        "/v1/auth/token/revoke-accessor/", "/v1/sys/wrapping/"};
+    static constexpr std::array<std::string_view, 7> secret_tails = {
+        "/v1/auth/token/lookup/",          "/v1/auth/token/revoke/",
+        "/v1/auth/token/revoke-orphan/",   "/v1/auth/token/renew/",
+        "/v1/auth/token/lookup-accessor/", "/v1/auth/token/revoke-accessor/",
+        "/v1/sys/wrapping/"};
     for (auto prefix : secret_tails) {
         if (path.starts_with(prefix) && path.size() > prefix.size()) {
             return std::string(prefix) + "<redacted>";

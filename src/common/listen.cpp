@@ -2,11 +2,10 @@
 // Listening sockets and instance ids.
 #include "taser/net/listen.hpp"
 
-#include <openssl/evp.h>
-#include <openssl/rand.h>
-
 #include <boost/asio/ip/address.hpp>
 #include <boost/system/system_error.hpp>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
 
 namespace taser::net {
 
@@ -22,8 +21,8 @@ void listen(tcp::acceptor& acceptor, const config::host_port& where) {
         tcp::resolver resolver(acceptor.get_executor());
         auto results = resolver.resolve(where.host, std::to_string(where.port), ec);
         if (ec || results.empty()) {
-            throw boost::system::system_error(
-                ec, "cannot resolve listen address " + where.to_string());
+            throw boost::system::system_error(ec,
+                                              "cannot resolve listen address " + where.to_string());
         }
         endpoint = results.begin()->endpoint();
     }

@@ -2,12 +2,12 @@
 // Structured logging to stderr.
 #include "taser/log/log.hpp"
 
-#include <unistd.h>
-
 #include <cstdio>
 #include <ctime>
 #include <map>
 #include <string>
+
+#include <unistd.h>
 
 namespace taser::log {
 namespace {
@@ -36,7 +36,7 @@ void append_time(std::string& out) {
     auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(now.time_since_epoch()) % 1000;
     std::tm tm{};
     gmtime_r(&seconds, &tm);
-    char buf[32];
+    char buf[64];
     std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900,
                   tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
                   static_cast<int>(ms.count()));
@@ -58,7 +58,7 @@ void append_value(std::string& out, const field::value_type& v, bool quote_strin
                     out += x;
                 }
             } else if constexpr (std::is_same_v<T, double>) {
-                char buf[32];
+                char buf[64];
                 std::snprintf(buf, sizeof buf, "%.3f", x);
                 out += buf;
             } else {
@@ -117,9 +117,15 @@ void emit(level l, std::string_view event, fields f) {
 
 }  // namespace
 
-void set_level(level l) noexcept { current_level = l; }
-void set_format(format f) noexcept { current_format = f; }
-bool enabled(level l) noexcept { return l >= current_level; }
+void set_level(level l) noexcept {
+    current_level = l;
+}
+void set_format(format f) noexcept {
+    current_format = f;
+}
+bool enabled(level l) noexcept {
+    return l >= current_level;
+}
 
 bool parse_level(std::string_view name, level& out) noexcept {
     for (int i = 0; i < 5; ++i) {
@@ -150,7 +156,8 @@ void write_limited(level l, std::string_view event, fields f) {
     auto& b = it->second;
     if (now - b.window_start >= burst_window) {
         if (b.dropped > 0) {
-            emit(level::warn, "log_suppressed", {{"suppressed_event", event}, {"lines", b.dropped}});
+            emit(level::warn, "log_suppressed",
+                 {{"suppressed_event", event}, {"lines", b.dropped}});
         }
         b = burst{now, 0, 0};
     }
@@ -165,11 +172,21 @@ void append_json_escaped(std::string& out, std::string_view s) {
     for (char c : s) {
         auto u = static_cast<unsigned char>(c);
         switch (c) {
-            case '"': out += "\\\""; break;
-            case '\\': out += "\\\\"; break;
-            case '\n': out += "\\n"; break;
-            case '\r': out += "\\r"; break;
-            case '\t': out += "\\t"; break;
+            case '"':
+                out += "\\\"";
+                break;
+            case '\\':
+                out += "\\\\";
+                break;
+            case '\n':
+                out += "\\n";
+                break;
+            case '\r':
+                out += "\\r";
+                break;
+            case '\t':
+                out += "\\t";
+                break;
             default:
                 if (u < 0x20 || u == 0x7f) {
                     char buf[8];

@@ -78,13 +78,24 @@ std::uint64_t parse_size(std::string_view option, std::string_view text) {
     return n * scale;
 }
 
+std::uint64_t parse_count(std::string_view option, std::string_view text, std::uint64_t min,
+                          std::uint64_t max) {
+    std::uint64_t n = 0;
+    if (!parse_number(text, n) || n < min || n > max) {
+        fail(option, text,
+             "a whole number from " + std::to_string(min) + " to " + std::to_string(max));
+    }
+    return n;
+}
+
 std::string host_port::to_string() const {
     auto p = std::to_string(port);
     return ipv6_literal ? "[" + host + "]:" + p : host + ":" + p;
 }
 
 host_port parse_host_port(std::string_view option, std::string_view text) {
-    constexpr std::string_view expected = "HOST:PORT, with an IPv6 address in brackets ([::1]:8200)";
+    constexpr std::string_view expected =
+        "HOST:PORT, with an IPv6 address in brackets ([::1]:8200)";
     host_port out;
     std::string_view port;
     if (!text.empty() && text.front() == '[') {

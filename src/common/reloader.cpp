@@ -2,11 +2,11 @@
 // Reloading TLS contexts when their files change.
 #include "taser/tls/reloader.hpp"
 
-#include <sys/stat.h>
-
 #include "taser/log/log.hpp"
 #include "taser/net/event.hpp"
 #include "taser/tls/context.hpp"
+
+#include <sys/stat.h>
 
 namespace taser::tls {
 
@@ -20,7 +20,7 @@ reloader::reloader(std::string name, std::vector<std::string> files, factory bui
 std::string reloader::fingerprint() const {
     std::string out;
     for (const auto& f : files_) {
-        struct stat st{};
+        struct stat st {};
         if (::stat(f.c_str(), &st) != 0) {
             out += f + ":missing;";
             continue;

@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include <boost/asio/as_tuple.hpp>
+#include <boost/asio/ssl/error.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
 #include "taser/log/log.hpp"
@@ -18,10 +19,14 @@ namespace {
 // record sequence and one system call, while a PING never waits behind more than this.
 constexpr std::size_t write_batch_bytes = 256 * 1024;
 constexpr std::size_t read_chunk_bytes = 64 * 1024;
+// Received DATA is kept in chunks of up to this size.
+constexpr std::size_t coalesce_bytes = 64 * 1024;
 // Time that a closing session gives its writer to flush GOAWAY before the socket is closed.
 constexpr auto flush_timeout = std::chrono::seconds(1);
 
-std::uint32_t to_u32(std::int64_t v) { return static_cast<std::uint32_t>(v); }
+std::uint32_t to_u32(std::int64_t v) {
+    return static_cast<std::uint32_t>(v);
+}
 
 }  // namespace
 
@@ -53,7 +58,9 @@ void stream::drop_outbox() {
     }
 }
 
-std::uint64_t stream::conn_id() const noexcept { return session_->id(); }
+std::uint64_t stream::conn_id() const noexcept {
+    return session_->id();
+}
 
 const asio::any_io_executor& stream::session_executor() const noexcept {
     return session_->executor_;
@@ -215,8 +222,8 @@ void stream::reset(errc code) {
 // ---------------------------------------------------------------------------------------------
 // session
 
-session::session(std::unique_ptr<transport> t, const asio::any_io_executor& ex,
-                 session_options o, std::uint64_t conn_id)
+session::session(std::unique_ptr<transport> t, const asio::any_io_executor& ex, session_options o,
+                 std::uint64_t conn_id)
     : transport_(std::move(t)),
       executor_(ex),
       options_(o),
@@ -275,9 +282,9 @@ asio::awaitable<error_code> session::handshake() {
     }
     frame::frame_header h;
     if (!ec) {
-        auto decoded = frame::decode_header({static_cast<const std::uint8_t*>(buffer_.data().data()),
-                                             frame::header_size},
-                                            frame::min_max_frame_payload);
+        auto decoded = frame::decode_header(
+            {static_cast<const std::uint8_t*>(buffer_.data().data()), frame::header_size},
+            frame::min_max_frame_payload);
         if (!decoded) {
             ec = connection_error(errc::frame_size_error, "invalid first frame");
         } else if (decoded->type != frame::frame_type::hello) {
@@ -291,14 +298,17 @@ asio::awaitable<error_code> session::handshake() {
     }
     if (!ec) {
         auto data = static_cast<const std::uint8_t*>(buffer_.data().data());
+        // The version comes first, so that a later layout of HELLO still gets a clear answer.
+        auto version = static_cast<std::uint16_t>((data[frame::header_size] << 8) |
+                                                  data[frame::header_size + 1]);
         auto hello = frame::decode_hello({data + frame::header_size, h.length});
-        if (!hello) {
-            ec = connection_error(static_cast<errc>(to_wire_code(hello.error())), "invalid HELLO");
-        } else if (hello->version != frame::protocol_version) {
+        if (version != frame::protocol_version) {
             log::error("version_mismatch", {{"conn", conn_id_},
-                                            {"peer_version", hello->version},
+                                            {"peer_version", version},
                                             {"our_version", frame::protocol_version}});
             ec = connection_error(errc::version_mismatch, "unsupported protocol version");
+        } else if (!hello) {
+            ec = connection_error(static_cast<errc>(to_wire_code(hello.error())), "invalid HELLO");
         } else if (hello->role == options_.role) {
             ec = connection_error(errc::protocol_error, "peer has the same role");
         } else {
@@ -350,6 +360,26 @@ asio::awaitable<error_code> session::run() {
             co_await writer_done_.wait();
         }
         deadline.cancel();
+        if (!closed_) {
+            // Closing a socket with unread input makes the kernel send a reset, which can
+            // destroy the GOAWAY just written before the peer reads it. So the sending side is
+            // shut first and the input read and dropped for a moment.
+            transport_->shutdown_send();
+            asio::steady_timer linger(executor_, flush_timeout);
+            linger.async_wait([self](error_code timer_ec) {
+                if (!timer_ec) {
+                    self->transport_->close();
+                }
+            });
+            std::vector<std::uint8_t> sink(read_chunk_bytes);
+            for (;;) {
+                auto [rec, n] = co_await transport_->read_some(asio::buffer(sink));
+                if (rec) {
+                    break;
+                }
+            }
+            linger.cancel();
+        }
         close(ec);
     }
     while (writer_running_) {
@@ -411,6 +441,11 @@ frame::result<std::shared_ptr<stream>> session::open(const frame::request_head& 
         return make_error_code(errc::frame_size_error);
     }
     auto id = ++last_stream_id_;
+    if (id == frame::max_stream_id) {
+        // The last id: after this stream the connection can open no more, so the bridge is
+        // asked to dial a fresh one.
+        goaway(errc::no_error, "stream ids exhausted");
+    }
     auto s = std::make_shared<stream>(shared_from_this(), id, peer.initial_stream_window,
                                       options_.local.initial_stream_window);
     s->local_ended_ = end_stream;
@@ -427,7 +462,9 @@ asio::awaitable<error_code> session::read_loop() {
     auto self = shared_from_this();
     for (;;) {
         if (auto ec = co_await fill(frame::header_size)) {
-            co_return ec;
+            // A peer that announced GOAWAY and then closed ended the connection on purpose.
+            bool ordinary = ec == asio::error::eof || ec == asio::ssl::error::stream_truncated;
+            co_return goaway_received_&& ordinary&& buffer_.size() == 0 ? error_code{} : ec;
         }
         auto data = static_cast<const std::uint8_t*>(buffer_.data().data());
         auto h = frame::decode_header({data, frame::header_size}, options_.local.max_frame_payload);
@@ -598,7 +635,14 @@ error_code session::on_data(const frame::frame_header& h, frame::bytes payload) 
     }
     s->recv_window_ -= h.length;
     if (h.length > 0) {
-        s->inbox_.emplace_back(payload.begin(), payload.end());
+        // Small payloads join the last buffered chunk, so that a peer sending one-byte frames
+        // costs memory for its bytes, not for a buffer per frame.
+        if (!s->inbox_.empty() && s->inbox_.back().size() + h.length <= coalesce_bytes) {
+            auto& back = s->inbox_.back();
+            back.insert(back.end(), payload.begin(), payload.end());
+        } else {
+            s->inbox_.emplace_back(payload.begin(), payload.end());
+        }
         s->inbox_bytes_ += h.length;
         buffered_bytes_ += h.length;
     }
@@ -622,8 +666,7 @@ error_code session::on_window_update(const frame::frame_header& h, frame::bytes 
     if (h.stream_id == 0) {
         conn_send_window_ += *increment;
         if (conn_send_window_ > frame::max_window) {
-            return connection_error(errc::flow_control_error,
-                                    "connection window above 2^31-1");
+            return connection_error(errc::flow_control_error, "connection window above 2^31-1");
         }
         for (auto& s : conn_blocked_) {
             schedule(s);
@@ -635,8 +678,8 @@ error_code session::on_window_update(const frame::frame_header& h, frame::bytes 
     auto it = streams_.find(h.stream_id);
     if (it == streams_.end()) {
         if (h.stream_id > last_stream_id_) {
-            return connection_error(errc::protocol_error,
-                                    "WINDOW_UPDATE on a stream never opened", h.stream_id);
+            return connection_error(errc::protocol_error, "WINDOW_UPDATE on a stream never opened",
+                                    h.stream_id);
         }
         return {};
     }
@@ -758,6 +801,17 @@ void session::queue_control(frame::frame_type type, std::uint8_t flags, std::uin
     if (closed_) {
         return;
     }
+    // A peer that makes us answer (PING, resets, credit) but never reads would grow this queue
+    // without end.
+    if (control_.size() >= options_.max_queued_control_frames &&
+        type != frame::frame_type::goaway) {
+        log::write_limited(log::level::warn, "connection_error",
+                           {{"conn", conn_id_},
+                            {"code", "enhance_your_calm"},
+                            {"error", "control frame queue full: the peer does not read"}});
+        close(make_error_code(errc::enhance_your_calm));
+        return;
+    }
     std::vector<std::uint8_t> f;
     f.reserve(frame::header_size + payload.size());
     frame::append_frame(f, type, flags, stream_id, payload);
@@ -809,7 +863,8 @@ void session::return_stream_credit(stream& s) {
         return;
     }
     s.recv_window_ += s.recv_unreturned_;
-    queue_control(frame::frame_type::window_update, 0, s.id_, frame::encode_u32(s.recv_unreturned_));
+    queue_control(frame::frame_type::window_update, 0, s.id_,
+                  frame::encode_u32(s.recv_unreturned_));
     s.recv_unreturned_ = 0;
 }
 
@@ -903,32 +958,38 @@ asio::awaitable<void> session::write_loop() {
 
 asio::awaitable<void> session::keepalive_loop() {
     auto self = shared_from_this();
+    using clock = std::chrono::steady_clock;
+    // A PING goes out every keepalive_interval; one unanswered for keepalive_timeout ends the
+    // session. Checking four times per the shorter of the two keeps the detection within about
+    // interval + timeout of the last sign of life.
+    auto tick = std::max<std::chrono::milliseconds>(
+        std::min(options_.keepalive_interval, options_.keepalive_timeout) / 4,
+        std::chrono::milliseconds(10));
+    auto next_ping = clock::now() + options_.keepalive_interval;
     while (!closed_) {
-        keepalive_timer_.expires_after(options_.keepalive_interval);
+        keepalive_timer_.expires_after(tick);
         co_await keepalive_timer_.async_wait(asio::as_tuple(asio::use_awaitable));
         if (closed_) {
             break;
         }
-        ++ping_counter_;
-        std::array<std::uint8_t, 8> payload{};
-        for (int i = 0; i < 8; ++i) {
-            payload[static_cast<std::size_t>(i)] =
-                static_cast<std::uint8_t>(ping_counter_ >> (56 - 8 * i));
-        }
-        ping_sent_ = std::chrono::steady_clock::now();
-        queue_control(frame::frame_type::ping, 0, 0, payload);
-
-        keepalive_timer_.expires_after(options_.keepalive_timeout);
-        co_await keepalive_timer_.async_wait(asio::as_tuple(asio::use_awaitable));
-        if (closed_) {
-            break;
-        }
-        if (ping_sent_) {
+        auto now = clock::now();
+        if (ping_sent_ && now - *ping_sent_ >= options_.keepalive_timeout) {
             log::warn("keepalive_timeout",
                       {{"conn", conn_id_},
                        {"timeout_ms", static_cast<std::int64_t>(options_.keepalive_timeout.count())}});
             close(make_error_code(errc::timeout));
             break;
+        }
+        if (!ping_sent_ && now >= next_ping) {
+            ++ping_counter_;
+            std::array<std::uint8_t, 8> payload{};
+            for (int i = 0; i < 8; ++i) {
+                payload[static_cast<std::size_t>(i)] =
+                    static_cast<std::uint8_t>(ping_counter_ >> (56 - 8 * i));
+            }
+            ping_sent_ = now;
+            next_ping = now + options_.keepalive_interval;
+            queue_control(frame::frame_type::ping, 0, 0, payload);
         }
     }
 }

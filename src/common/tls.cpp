@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // TLS contexts and certificate pins.
-#include "taser/tls/context.hpp"
+#include <cstdio>
+#include <ctime>
+#include <fstream>
 
 #include <openssl/err.h>
 #include <openssl/evp.h>
@@ -9,11 +11,8 @@
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
 
-#include <cstdio>
-#include <ctime>
-#include <fstream>
-
 #include "taser/config/parse.hpp"
+#include "taser/tls/context.hpp"
 
 namespace taser::tls {
 namespace {
@@ -37,9 +36,10 @@ void require_readable(const std::string& file, std::string_view what) {
 }
 
 void apply_common(SSL_CTX* ctx, min_version min) {
-    SSL_CTX_set_min_proto_version(ctx, min == min_version::tls1_3 ? TLS1_3_VERSION : TLS1_2_VERSION);
-    SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION |
-                                 SSL_OP_CIPHER_SERVER_PREFERENCE);
+    SSL_CTX_set_min_proto_version(ctx,
+                                  min == min_version::tls1_3 ? TLS1_3_VERSION : TLS1_2_VERSION);
+    SSL_CTX_set_options(
+        ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE);
     SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
     if (SSL_CTX_set_cipher_list(ctx, tls12_ciphers) != 1) {
         fail("cannot set the TLS 1.2 cipher list");
@@ -150,8 +150,7 @@ std::shared_ptr<ssl::context> make_server_context(const server_options& o) {
         // the context goes away.
         auto* choice = new alpn_choice{o.alpn, o.alpn_required};
         static int index = SSL_CTX_get_ex_new_index(
-            0, nullptr, nullptr, nullptr,
-            [](void*, void* ptr, CRYPTO_EX_DATA*, int, long, void*) {
+            0, nullptr, nullptr, nullptr, [](void*, void* ptr, CRYPTO_EX_DATA*, int, long, void*) {
                 delete static_cast<alpn_choice*>(ptr);
             });
         SSL_CTX_set_ex_data(native, index, choice);

@@ -11,8 +11,8 @@
 namespace taser::admin {
 
 struct handlers {
-    std::function<bool()> ready;          // /readyz answers 200 while this returns true
-    std::function<std::string()> metrics; // the body of /metrics
+    std::function<bool()> ready;           // /readyz answers 200 while this returns true
+    std::function<std::string()> metrics;  // the body of /metrics
 };
 
 // Serves admin requests until the acceptor closes; one request per connection.

@@ -33,6 +33,7 @@ struct options {
     std::size_t vault_max_idle = 32;
     std::chrono::milliseconds vault_idle_timeout = 30s;
     std::chrono::milliseconds request_timeout = 120s;
+    std::chrono::milliseconds tunnel_idle_timeout = 300s;
     std::chrono::milliseconds connect_timeout = 5s;
 
     frame::settings settings;

@@ -37,6 +37,9 @@ struct options {
     std::chrono::milliseconds bridge_wait = 5s;
     std::chrono::milliseconds request_timeout = 120s;
     std::chrono::milliseconds idle_timeout = 60s;
+    // A byte tunnel carries a whole client connection, long polls and idle keep-alive time
+    // included, so its idle limit is longer than a request's.
+    std::chrono::milliseconds tunnel_idle_timeout = 300s;
     std::chrono::milliseconds header_timeout = 10s;
     std::uint64_t max_header_bytes = 64 * 1024;
     std::uint64_t max_body_bytes = 128ull * 1024 * 1024;

@@ -22,6 +22,10 @@ std::chrono::milliseconds parse_duration(std::string_view option, std::string_vi
 // the same meaning, since that is what users mean by them in a size limit).
 std::uint64_t parse_size(std::string_view option, std::string_view text);
 
+// Parses a whole number from min to max; signs, units and fractions are errors.
+std::uint64_t parse_count(std::string_view option, std::string_view text, std::uint64_t min,
+                          std::uint64_t max);
+
 struct host_port {
     std::string host;  // without brackets
     std::uint16_t port = 0;

@@ -19,8 +19,9 @@ bool is_hop_by_hop(std::string_view name) noexcept;
 
 // Returns the fields that travel end to end, in their order and with their repeats: every
 // field except hop-by-hop ones, those named in Connection, and the names in extra_drop.
-std::vector<frame::field> end_to_end_fields(const boost::beast::http::fields& fields,
-                                            std::initializer_list<std::string_view> extra_drop = {});
+std::vector<frame::field> end_to_end_fields(
+    const boost::beast::http::fields& fields,
+    std::initializer_list<std::string_view> extra_drop = {});
 
 // Returns the value of the first field called name (case-insensitive), if any.
 std::optional<std::string_view> find_field(const std::vector<frame::field>& fields,

@@ -54,9 +54,15 @@ inline void debug(std::string_view event, fields f = {}) {
         write(level::debug, event, f);
     }
 }
-inline void info(std::string_view event, fields f = {}) { write(level::info, event, f); }
-inline void warn(std::string_view event, fields f = {}) { write(level::warn, event, f); }
-inline void error(std::string_view event, fields f = {}) { write(level::error, event, f); }
+inline void info(std::string_view event, fields f = {}) {
+    write(level::info, event, f);
+}
+inline void warn(std::string_view event, fields f = {}) {
+    write(level::warn, event, f);
+}
+inline void error(std::string_view event, fields f = {}) {
+    write(level::error, event, f);
+}
 
 // Appends s to out as the body of a JSON string, escaped.
 void append_json_escaped(std::string& out, std::string_view s);

@@ -29,20 +29,26 @@ struct relay_counts {
 
 namespace detail {
 
-inline void shutdown_send(asio::ip::tcp::socket& s) {
+// Passes the far side's end on to the socket. Returns false when the socket cannot carry a
+// half-close: a TLS stream's close_notify would need a read of its own, so there the tunnel
+// ends as a whole and its owner closes the connection.
+inline bool shutdown_send(asio::ip::tcp::socket& s) {
     error_code ignored;
     s.shutdown(asio::ip::tcp::socket::shutdown_send, ignored);
+    return true;
 }
 
-// A TLS stream cannot be half-closed without ending the session; the close comes at the end.
 template <class Stream>
-void shutdown_send(Stream&) {}
+bool shutdown_send(Stream&) {
+    return false;
+}
 
 }  // namespace detail
 
 // Relays until both directions have ended. `prefix` holds bytes already read from the socket
-// (for example after a CONNECT request head) and goes first. The idle deadline applies to
-// each socket read and write; when it passes, the deadlines' owner closes the socket.
+// (for example after a CONNECT request head) and goes first. The tunnel is idle, and the
+// deadlines' owner closes the socket, when no byte moved for `idle` while a read waits, or a
+// write to the socket stalls for `idle`.
 template <class Socket>
 asio::awaitable<relay_counts> relay(Socket& socket, std::shared_ptr<stream> s,
                                     net::deadlines& timers, std::chrono::milliseconds idle,
@@ -68,8 +74,8 @@ asio::awaitable<relay_counts> relay(Socket& socket, std::shared_ptr<stream> s,
             std::vector<std::uint8_t> chunk(chunk_bytes);
             for (;;) {
                 timers.arm(net::deadlines::read, idle);
-                auto [ec, n] = co_await socket.async_read_some(
-                    asio::buffer(chunk), asio::as_tuple(asio::use_awaitable));
+                auto [ec, n] = co_await socket.async_read_some(asio::buffer(chunk),
+                                                               asio::as_tuple(asio::use_awaitable));
                 timers.disarm(net::deadlines::read);
                 if (ec == asio::error::eof) {
                     up_clean = !(co_await s->write({}, true));
@@ -97,8 +103,11 @@ asio::awaitable<relay_counts> relay(Socket& socket, std::shared_ptr<stream> s,
             break;
         }
         if (chunk.empty()) {
-            detail::shutdown_send(socket);
             down_clean = true;
+            if (!detail::shutdown_send(socket)) {
+                error_code ignored;
+                socket.lowest_layer().cancel(ignored);
+            }
             break;
         }
         timers.arm(net::deadlines::write, idle);
@@ -106,6 +115,11 @@ asio::awaitable<relay_counts> relay(Socket& socket, std::shared_ptr<stream> s,
                                                    asio::as_tuple(asio::use_awaitable));
         timers.disarm(net::deadlines::write);
         counts.from_stream += n;
+        // Progress in this direction keeps a quiet other direction alive: a client that sends
+        // nothing while a long answer streams down is not idle.
+        if (up_running) {
+            timers.arm(net::deadlines::read, idle);
+        }
         if (wec) {
             s->reset(errc::cancel);
             break;

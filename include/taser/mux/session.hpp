@@ -125,9 +125,9 @@ private:
     // Sending.
     boost::beast::flat_buffer outbox_;
     std::int64_t send_window_;
-    bool local_ended_ = false;     // write() was told end_stream
-    bool fin_sent_ = false;        // the frame with END_STREAM has been encoded
-    bool scheduled_ = false;       // in the session's ready list
+    bool local_ended_ = false;  // write() was told end_stream
+    bool fin_sent_ = false;     // the frame with END_STREAM has been encoded
+    bool scheduled_ = false;    // in the session's ready list
     net::event writable_;
 
     error_code error_;

@@ -28,6 +28,8 @@ public:
         asio::const_buffer b) = 0;
     // Closes the socket at once; pending reads and writes complete with an error.
     virtual void close() noexcept = 0;
+    // Shuts down the sending direction of the TCP connection; reading goes on.
+    virtual void shutdown_send() noexcept = 0;
 };
 
 template <class AsyncStream>
@@ -40,8 +42,7 @@ public:
         co_return co_await stream_.async_read_some(b, asio::as_tuple(asio::use_awaitable));
     }
 
-    asio::awaitable<std::tuple<error_code, std::size_t>> write_all(
-        asio::const_buffer b) override {
+    asio::awaitable<std::tuple<error_code, std::size_t>> write_all(asio::const_buffer b) override {
         co_return co_await asio::async_write(stream_, b, asio::as_tuple(asio::use_awaitable));
     }
 
@@ -49,6 +50,11 @@ public:
         error_code ignored;
         stream_.lowest_layer().shutdown(asio::socket_base::shutdown_both, ignored);
         stream_.lowest_layer().close(ignored);
+    }
+
+    void shutdown_send() noexcept override {
+        error_code ignored;
+        stream_.lowest_layer().shutdown(asio::socket_base::shutdown_send, ignored);
     }
 
     AsyncStream& stream() { return stream_; }

@@ -50,9 +50,7 @@ public:
         timer_.cancel();
     }
 
-    void start() {
-        asio::co_spawn(timer_.get_executor(), run(shared_from_this()), asio::detached);
-    }
+    void start() { asio::co_spawn(timer_.get_executor(), run(shared_from_this()), asio::detached); }
 
 private:
     // Cannot throw: timer waits complete into a tuple.

@@ -29,19 +29,19 @@ min_version parse_min_version(std::string_view option, std::string_view text);
 struct server_options {
     std::string cert_file;
     std::string key_file;
-    std::string client_ca_file;   // when set, a client certificate chaining to it is required
+    std::string client_ca_file;  // when set, a client certificate chaining to it is required
     bool client_must_be_client_auth = false;  // require the clientAuth extended key usage
     min_version min = min_version::tls1_3;
-    std::string alpn;             // the one ALPN protocol id offered
-    bool alpn_required = false;   // reject a client that offers no matching protocol
+    std::string alpn;            // the one ALPN protocol id offered
+    bool alpn_required = false;  // reject a client that offers no matching protocol
 };
 
 struct client_options {
-    std::string cert_file;        // optional
+    std::string cert_file;  // optional
     std::string key_file;
-    std::string ca_file;          // empty: the system's trust store
+    std::string ca_file;  // empty: the system's trust store
     min_version min = min_version::tls1_3;
-    std::string alpn;             // optional
+    std::string alpn;  // optional
 };
 
 std::shared_ptr<ssl::context> make_server_context(const server_options& o);
