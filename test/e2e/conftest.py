@@ -47,6 +47,9 @@ def pytest_configure(config):
     # Python's default SIGTERM action ends the process at once, which would leave the brokers,
     # bridges and stand-ins running. As a KeyboardInterrupt, pytest runs the fixture teardowns.
     signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    config.addinivalue_line(
+        "markers", "slow: takes more than a minute, and still runs by default"
+    )
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)

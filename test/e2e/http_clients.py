@@ -11,9 +11,11 @@ import http.client
 import json
 import os
 import random
+import socket
 import ssl
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -202,3 +204,107 @@ def body_sha256(document: dict[str, Any]) -> str:
         if key in document:
             return str(document[key])
     raise KeyError(f"no body SHA-256 in {sorted(document)}")
+
+
+# -----------------------------------------------------------------------------------------------
+# Raw sockets, for requests that http.client and curl would not send
+
+
+def read_until_closed(
+    sock: socket.socket, timeout: float, max_bytes: int = 64 << 20
+) -> tuple[bytes, bool]:
+    """Read from SOCK until the peer closes it, TIMEOUT seconds pass or MAX_BYTES arrive.
+
+    Returns the bytes and whether the peer closed the connection (EOF or reset).
+    """
+    deadline = time.monotonic() + timeout
+    received = bytearray()
+    while len(received) < max_bytes:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return bytes(received), False
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(CHUNK_BYTES)
+        except socket.timeout:
+            return bytes(received), False
+        except (ConnectionResetError, BrokenPipeError):
+            return bytes(received), True
+        if not chunk:
+            return bytes(received), True
+        received += chunk
+    return bytes(received), False
+
+
+def raw_exchange(
+    port: int,
+    data: bytes,
+    timeout: float = 10.0,
+    shutdown_write: bool = False,
+    host: str = "127.0.0.1",
+) -> tuple[bytes, bool]:
+    """Send DATA to HOST:PORT over plain TCP and read until the peer closes or TIMEOUT passes.
+
+    With SHUTDOWN_WRITE, the sending side is half-closed after DATA. Returns the bytes read and
+    whether the peer closed the connection.
+    """
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+        except (ConnectionResetError, BrokenPipeError):
+            # The peer may reject the data early and close before reading all of it.
+            pass
+        if shutdown_write:
+            sock.shutdown(socket.SHUT_WR)
+        return read_until_closed(sock, timeout)
+
+
+def read_response_head(sock: socket.socket, timeout: float) -> tuple[bytes, bytes]:
+    """Read from SOCK to the end of an HTTP response head and return (head, bytes after it).
+
+    Raises AssertionError when the connection closes or TIMEOUT passes first.
+    """
+    deadline = time.monotonic() + timeout
+    received = b""
+    while b"\r\n\r\n" not in received:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"no response head within {timeout} s, got {received[:200]!r}"
+        sock.settimeout(remaining)
+        chunk = sock.recv(CHUNK_BYTES)
+        assert chunk, f"connection closed before a response head, got {received[:200]!r}"
+        received += chunk
+    head, _, rest = received.partition(b"\r\n\r\n")
+    return head + b"\r\n\r\n", rest
+
+
+@dataclass
+class RawResponse:
+    """An HTTP/1.1 response read off a raw socket."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> Optional[str]:
+        """Return the first value of header NAME (case-insensitive), or None."""
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+
+def parse_raw_response(data: bytes) -> RawResponse:
+    """Parse the first response in DATA: status line, headers and everything after the head.
+
+    The body is not de-chunked. Status 0 means that DATA contains no status line.
+    """
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        return RawResponse(0, [], data)
+    headers = []
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers.append((name.strip(), value.strip()))
+    return RawResponse(int(parts[1]), headers, body)

@@ -73,6 +73,78 @@ def vmhwm_kib(pid: int) -> int:
     return int(match.group(1))
 
 
+# Memory scans read this much of /proc/PID/mem at a time.
+MEMORY_SCAN_CHUNK = 16 << 20
+
+
+def _dumpable_mappings(pid: int) -> list[tuple[int, int]]:
+    """Return the (start, end) of each mapping of PID that a core file would contain.
+
+    Kept: readable mappings, except those marked "dd" (MADV_DONTDUMP, such as AddressSanitizer's
+    shadow memory), [vvar] and [vsyscall]. Reservations without permissions are left out
+    because they hold no data.
+    """
+    mappings = []
+    current: Optional[tuple[int, int, str, str]] = None
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        header = re.match(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s*(.*)$", line)
+        if header:
+            start, end, permissions, name = header.groups()
+            current = (int(start, 16), int(end, 16), permissions, name)
+            continue
+        if line.startswith("VmFlags:") and current is not None:
+            start, end, permissions, name = current
+            flags = line.split()[1:]
+            if (
+                permissions.startswith("r")
+                and "dd" not in flags
+                and name not in ("[vvar]", "[vsyscall]")
+            ):
+                mappings.append((start, end))
+            current = None
+    return mappings
+
+
+def scan_process_memory(pid: int, needles: Iterable[bytes]) -> dict[bytes, int]:
+    """Count each of NEEDLES in the memory that a core file of process PID would contain.
+
+    The process is stopped with SIGSTOP while its memory is read from /proc/PID/mem, and
+    continued afterwards. This is what a search of a `gcore` file finds, without writing the
+    file: gdb 13 also writes the mappings without permissions, and AddressSanitizer reserves
+    terabytes of those, so a core file of a sanitizer build would not fit on the disk.
+    """
+    needles = list(needles)
+    counts = {needle: 0 for needle in needles}
+    overlap = max(len(needle) for needle in needles) - 1
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with open(f"/proc/{pid}/mem", "rb", buffering=0) as memory:
+            for start, end in _dumpable_mappings(pid):
+                tail = b""
+                address = start
+                while address < end:
+                    size = min(MEMORY_SCAN_CHUNK, end - address)
+                    try:
+                        memory.seek(address)
+                        chunk = memory.read(size)
+                    except OSError:
+                        # Some mappings (device memory, guard pages) cannot be read.
+                        break
+                    if not chunk:
+                        break
+                    window = tail + chunk
+                    for needle in needles:
+                        # Only matches that end in the new chunk count: the others were counted
+                        # with the previous chunk.
+                        first_new_match = max(0, len(tail) - len(needle) + 1)
+                        counts[needle] += window[first_new_match:].count(needle)
+                    tail = window[-overlap:] if overlap > 0 else b""
+                    address += len(chunk)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    return counts
+
+
 def _socket_inodes(pid: int) -> set[str]:
     inodes = set()
     fd_dir = Path(f"/proc/{pid}/fd")
@@ -166,6 +238,31 @@ def parse_host_port(address: str) -> tuple[str, int]:
     """Split "HOST:PORT" or "[V6]:PORT" into (host, port)."""
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def replace_options(argv: list[str], replacements: dict[str, Optional[str]]) -> list[str]:
+    """Return ARGV with the value of each "--option VALUE" pair named in REPLACEMENTS replaced.
+
+    A replacement of None drops the option and its value. Raises ValueError when an option of
+    REPLACEMENTS is not in ARGV, so that a renamed option cannot go unnoticed.
+    """
+    result = []
+    found = set()
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg in replacements and index + 1 < len(argv):
+            found.add(arg)
+            if replacements[arg] is not None:
+                result += [arg, str(replacements[arg])]
+            index += 2
+            continue
+        result.append(arg)
+        index += 1
+    missing = set(replacements) - found
+    if missing:
+        raise ValueError(f"options not in the command line: {sorted(missing)}")
+    return result
 
 
 def make_certs(out_dir: Path) -> Path:
@@ -375,6 +472,30 @@ class StandIn(ManagedProcess):
             return []
         return log_events(self.record_path)
 
+    def set_modes(self, timeout: float = 10.0, **modes: Any) -> dict[str, Any]:
+        """POST MODES to the stand-in's /_standin/mode and return all modes it then has.
+
+        Keys are those of the stand-in's README, for example standby_redirect="https://..." or
+        sealed=True. The request goes straight to the stand-in, not through a broker.
+        """
+        if self.tls:
+            raise ProcessError(f"{self.name}: set_modes() supports only a plain HTTP stand-in")
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            body = json.dumps(modes).encode()
+            connection.request(
+                "POST", "/_standin/mode", body=body, headers={"Content-Type": "application/json"}
+            )
+            response = connection.getresponse()
+            payload = response.read()
+        finally:
+            connection.close()
+        if response.status != 200:
+            raise ProcessError(
+                f"{self.name}: /_standin/mode returned {response.status}: {payload!r}"
+            )
+        return json.loads(payload)
+
 
 class Broker(ManagedProcess):
     """`taser broker` with an HTTPS (or plain HTTP) client edge and a mutual-TLS bridge edge."""
@@ -441,6 +562,11 @@ class Broker(ManagedProcess):
         finally:
             conn.close()
 
+    def passthrough_port(self, timeout: float = START_TIMEOUT) -> int:
+        """Return the port of the --passthrough-listen listener, from its listener_started event."""
+        event = self.wait_for_event("listener_started", timeout, listener="passthrough")
+        return parse_host_port(event["address"])[1]
+
     @property
     def url(self) -> str:
         """The client edge's base URL. The client-edge certificate names IP 127.0.0.1."""
@@ -496,6 +622,19 @@ class Bridge(ManagedProcess):
             self.wait_for_event("broker_connected", timeout)
             self.broker.wait_for_event("bridge_connected", timeout, offset=broker_offset)
         return self
+
+
+@dataclass
+class PeerListener:
+    """A port where the test itself accepts bridges, in place of a taser broker.
+
+    Bridge only needs `bridge_port` and `log_offset()` from its broker; this listener has no log.
+    """
+
+    bridge_port: int
+
+    def log_offset(self) -> int:
+        return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -613,6 +752,108 @@ class Harness:
         )
         self._track(bridge)
         return bridge.start(wait_connected=wait_connected)
+
+    def start_broker_with_options(
+        self,
+        replacements: dict[str, Optional[str]],
+        extra_args: Iterable[str] = (),
+        plaintext: bool = False,
+        env: Optional[dict[str, str]] = None,
+    ) -> Broker:
+        """Start a broker whose usual options named in REPLACEMENTS get other values.
+
+        REPLACEMENTS works as in replace_options(): None drops an option. Like start_broker(),
+        this retries with new ports when a port from free_port() was taken meanwhile.
+        """
+        for attempt in range(1, PORT_RETRIES + 1):
+            broker = Broker(
+                self.taser_bin,
+                self.certs,
+                self.work_dir,
+                name=self._unique_name("broker"),
+                extra_args=list(extra_args),
+                plaintext=plaintext,
+                env=child_env(env),
+            )
+            broker.argv = replace_options(broker.argv, replacements)
+            self._track(broker)
+            try:
+                return broker.start()
+            except ProcessError:
+                address_in_use = "in use" in log_tail(broker.log_path).lower()
+                if broker.running() or not address_in_use or attempt == PORT_RETRIES:
+                    raise
+        raise AssertionError("unreachable")
+
+    def start_passthrough_broker(
+        self,
+        extra_args: Iterable[str] = (),
+        env: Optional[dict[str, str]] = None,
+    ) -> Broker:
+        """Start a broker with --client-edge passthrough, whose client port carries raw bytes.
+
+        Clients speak TLS with the vault itself through broker.client_port, so they verify the
+        vault's certificate, and the broker's client_ca property does not apply.
+        """
+        return self.start_broker_with_options(
+            {"--tls-cert": None, "--tls-key": None},
+            extra_args=["--client-edge", "passthrough", *extra_args],
+            env=env,
+        )
+
+    def start_bridge_with_options(
+        self,
+        broker: Broker,
+        standin: StandIn,
+        replacements: dict[str, Optional[str]],
+        extra_args: Iterable[str] = (),
+        env: Optional[dict[str, str]] = None,
+        wait_connected: bool = True,
+    ) -> Bridge:
+        """Start a bridge whose usual options named in REPLACEMENTS get other values.
+
+        REPLACEMENTS works as in replace_options(), for example {"--ca-cert": path}.
+        """
+        extra = list(extra_args)
+        if standin.tls and "--vault-ca" not in extra:
+            extra += ["--vault-ca", str(self.certs / "vault-ca.pem")]
+        bridge = Bridge(
+            self.taser_bin,
+            self.certs,
+            self.work_dir,
+            broker,
+            standin.url,
+            name=self._unique_name("bridge"),
+            extra_args=extra,
+            env=child_env(env),
+        )
+        bridge.argv = replace_options(bridge.argv, replacements)
+        self._track(bridge)
+        return bridge.start(wait_connected=wait_connected)
+
+    def start_bridge_to_peer(
+        self,
+        port: int,
+        standin: StandIn,
+        extra_args: Iterable[str] = (),
+        env: Optional[dict[str, str]] = None,
+    ) -> Bridge:
+        """Start a bridge that dials PORT on localhost, where the test accepts it itself.
+
+        The bridge is not waited for: the test sees the connection on its own listener.
+        """
+        bridge = Bridge(
+            self.taser_bin,
+            self.certs,
+            self.work_dir,
+            PeerListener(port),  # type: ignore[arg-type]
+            standin.url,
+            name=self._unique_name("bridge"),
+            extra_args=list(extra_args),
+            env=child_env(env),
+        )
+        self._track(bridge)
+        return bridge.start(wait_connected=False)
 
     def stop_all(self) -> None:
         """Stop every process this harness started, newest first."""
