@@ -25,6 +25,17 @@ TASER_PACKAGES=(
     procps
     iproute2
     ca-certificates
+    haproxy
+    gdb
+    python3-yaml
+    systemd
+    shellcheck
+    man-db
+    dpkg-dev
+    golang-go
+    golang-github-masterminds-sprig-dev
+    golang-k8s-sigs-yaml-dev
+    podman
 )
 
 # Print a progress line on stderr, prefixed with the calling script's name.
