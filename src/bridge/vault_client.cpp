@@ -312,6 +312,21 @@ asio::awaitable<exchange_result> exchange(Stream& sock, vault_connection& vc,
 
 }  // namespace
 
+asio::awaitable<std::tuple<error_code, tcp::resolver::results_type>> vault_client::resolve(
+    const config::host_port& where) {
+    // A numeric address needs no lookup, and Asio's resolver would hand it to a thread.
+    if (config::is_ip_literal(where.host)) {
+        auto address = asio::ip::make_address(where.host);
+        co_return std::tuple{error_code{},
+                             tcp::resolver::results_type::create(tcp::endpoint(address, where.port),
+                                                                 where.host,
+                                                                 std::to_string(where.port))};
+    }
+    tcp::resolver resolver(executor_);
+    co_return co_await resolver.async_resolve(where.host, std::to_string(where.port),
+                                              as_tuple(use_awaitable));
+}
+
 void vault_connection::close() noexcept {
     error_code ignored;
     if (tls) {
@@ -330,9 +345,7 @@ vault_client::vault_client(const asio::any_io_executor& ex, const options& o, tl
 asio::awaitable<std::unique_ptr<vault_connection>> vault_client::connect(error_code& ec) {
     auto c = std::make_unique<vault_connection>();
     const auto& where = options_.vault.authority;
-    tcp::resolver resolver(executor_);
-    auto [rec, endpoints] = co_await resolver.async_resolve(where.host, std::to_string(where.port),
-                                                            as_tuple(use_awaitable));
+    auto [rec, endpoints] = co_await resolve(where);
     if (rec) {
         ec = rec;
         co_return nullptr;
@@ -443,9 +456,7 @@ asio::awaitable<void> vault_client::tunnel(std::shared_ptr<mux::stream> s) {
     // The authority that the stream names is ignored on purpose: a tunnel always ends at the
     // vault's address, whatever a broker asks for.
     const auto& where = options_.vault.authority;
-    tcp::resolver resolver(executor_);
-    auto [rec, endpoints] = co_await resolver.async_resolve(where.host, std::to_string(where.port),
-                                                            as_tuple(use_awaitable));
+    auto [rec, endpoints] = co_await resolve(where);
     tcp::socket socket(executor_);
     auto timers = std::make_shared<deadlines>(executor_, [&socket] {
         error_code e;

@@ -58,6 +58,8 @@ private:
     asio::awaitable<std::unique_ptr<vault_connection>> acquire(
         error_code& ec, std::chrono::steady_clock::time_point deadline);
     asio::awaitable<void> tick_waiters();
+    asio::awaitable<std::tuple<error_code, asio::ip::tcp::resolver::results_type>> resolve(
+        const config::host_port& where);
     asio::awaitable<std::unique_ptr<vault_connection>> connect(error_code& ec);
     void release(std::unique_ptr<vault_connection> c, bool reusable);
 

@@ -265,11 +265,13 @@ asio::awaitable<error_code> session::handshake() {
     frame::append_frame(out, frame::frame_type::hello, 0, 0, frame::encode_hello(ours));
 
     // A watchdog closes the socket at the deadline, which ends the pending read or write.
+    // The flag is shared with the handler, which may run after this frame is gone when the
+    // deadline passes in the same round as the handshake's end.
     asio::steady_timer deadline(executor_, options_.hello_timeout);
-    bool timed_out = false;
-    deadline.async_wait([self, &timed_out](error_code ec) {
+    auto expired = std::make_shared<bool>(false);
+    deadline.async_wait([self, expired](error_code ec) {
         if (!ec && !self->hello_done_) {
-            timed_out = true;
+            *expired = true;
             self->transport_->close();
         }
     });
@@ -317,6 +319,7 @@ asio::awaitable<error_code> session::handshake() {
         }
     }
     deadline.cancel();
+    bool timed_out = *expired;
     if (timed_out) {
         ec = make_error_code(errc::timeout);
     }
@@ -669,6 +672,7 @@ error_code session::on_window_update(const frame::frame_header& h, frame::bytes 
             return connection_error(errc::flow_control_error, "connection window above 2^31-1");
         }
         for (auto& s : conn_blocked_) {
+            s->scheduled_ = false;  // it left the ready list when it was parked here
             schedule(s);
         }
         conn_blocked_.clear();

@@ -1,10 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
 // Unit tests of the frame encoder and decoder (docs/protocol.md §3-§5), fed raw bytes.
-#include <catch2/catch.hpp>
+#include "taser/frame/frame.hpp"
 
+#include <string>
+#include <string_view>
 #include <vector>
 
-#include "taser/frame/frame.hpp"
+#include <catch2/catch.hpp>
 
 namespace frame = taser::frame;
 using taser::errc;
@@ -194,7 +196,8 @@ TEST_CASE("hello decoder rejects invalid settings", "[frame]") {
 }
 
 TEST_CASE("request head round trip keeps field order and repeats", "[frame]") {
-    frame::request_head h{"GET", "/v1/secret/data/app?version=2",
+    frame::request_head h{"GET",
+                          "/v1/secret/data/app?version=2",
                           {{"X-Vault-Index", "a"}, {"Host", "vault"}, {"X-Vault-Index", "b"}}};
 
     auto decoded = frame::decode_request_head(frame::encode_request_head(h));
@@ -234,7 +237,8 @@ TEST_CASE("head decoders reject malformed heads", "[frame]") {
         CHECK_FALSE(frame::decode_request_head(b).has_value());
     }
     SECTION("status outside 100-599") {
-        CHECK_FALSE(frame::decode_response_head(frame::encode_response_head({600, {}})).has_value());
+        CHECK_FALSE(
+            frame::decode_response_head(frame::encode_response_head({600, {}})).has_value());
         CHECK_FALSE(frame::decode_response_head(frame::encode_response_head({99, {}})).has_value());
     }
     SECTION("field count above the limit") {
@@ -260,4 +264,207 @@ TEST_CASE("goaway round trip keeps its reason", "[frame]") {
     CHECK(decoded->last_stream_id == 41);
     CHECK(decoded->error_code == 0);
     CHECK(decoded->debug == "draining");
+}
+
+// The examples of docs/protocol.md, byte for byte.
+namespace {
+
+// Parses hex digits and skips spaces: hex("00 01") is {0x00, 0x01}.
+std::vector<std::uint8_t> hex(std::string_view text) {
+    std::vector<std::uint8_t> out;
+    std::string digits;
+    for (char c : text) {
+        if (c != ' ') {
+            digits.push_back(c);
+        }
+    }
+    REQUIRE(digits.size() % 2 == 0);
+    for (std::size_t i = 0; i < digits.size(); i += 2) {
+        out.push_back(static_cast<std::uint8_t>(std::stoi(digits.substr(i, 2), nullptr, 16)));
+    }
+    return out;
+}
+
+frame::bytes payload_of(const std::vector<std::uint8_t>& whole_frame) {
+    return frame::bytes(whole_frame).subspan(frame::header_size);
+}
+
+}  // namespace
+
+TEST_CASE("header checks follow the documented order", "[frame]") {
+    SECTION("length above the maximum before an unknown type") {
+        auto decoded =
+            frame::decode_header(bytes({0x01, 0x00, 0x01, 0x42, 0, 0, 0, 0, 1}), max_payload);
+        REQUIRE_FALSE(decoded.has_value());
+        CHECK(decoded.error() == errc::frame_size_error);
+    }
+    SECTION("unknown type before the stream id rule") {
+        auto decoded = frame::decode_header(bytes({0, 0, 0, 0x07, 0, 0, 0, 0, 0}), max_payload);
+        REQUIRE_FALSE(decoded.has_value());
+        CHECK(decoded.error() == errc::protocol_error);
+    }
+    SECTION("stream id rule before the length rule: PING on stream 1 with 9 bytes") {
+        auto decoded = frame::decode_header(bytes({0, 0, 9, 0x05, 0, 0, 0, 0, 1}), max_payload);
+        REQUIRE_FALSE(decoded.has_value());
+        CHECK(decoded.error() == errc::protocol_error);
+    }
+    SECTION("stream id rule before the length rule: RST_STREAM on stream 0 with 5 bytes") {
+        auto decoded = frame::decode_header(bytes({0, 0, 5, 0x04, 0, 0, 0, 0, 0}), max_payload);
+        REQUIRE_FALSE(decoded.has_value());
+        CHECK(decoded.error() == errc::protocol_error);
+    }
+    SECTION("WINDOW_UPDATE is allowed on any stream") {
+        CHECK(frame::decode_header(bytes({0, 0, 4, 0x03, 0, 0, 0, 0, 0}), max_payload).has_value());
+        CHECK(frame::decode_header(bytes({0, 0, 4, 0x03, 0, 0, 0, 0, 9}), max_payload).has_value());
+    }
+    SECTION("length equal to the maximum") {
+        auto decoded =
+            frame::decode_header(bytes({0x01, 0x00, 0x00, 0x02, 0, 0, 0, 0, 1}), max_payload);
+        REQUIRE(decoded.has_value());
+        CHECK(decoded->length == max_payload);
+    }
+}
+
+TEST_CASE("documented HELLO example matches the encoder", "[frame]") {
+    auto wire = hex(
+        "00 00 38 00 00 00 00 00 00  00 01 02 00  10 11 12 13 14 15 16 17 18 19 1a 1b 1c 1d 1e 1f"
+        "00 01 00 01 00 00  00 02 00 40 00 00  00 03 00 00 40 00  00 04 00 01 00 00"
+        "00 05 02 00 00 00  00 06 00 00 00 00");
+    frame::hello h;
+    h.role = frame::role::bridge;
+    for (std::size_t i = 0; i < h.instance.size(); ++i) {
+        h.instance[i] = static_cast<std::uint8_t>(0x10 + i);
+    }
+
+    auto header = frame::decode_header(wire, frame::min_max_frame_payload);
+    auto decoded = frame::decode_hello(payload_of(wire));
+    std::vector<std::uint8_t> encoded;
+    frame::append_frame(encoded, frame::frame_type::hello, 0, 0, frame::encode_hello(h));
+
+    REQUIRE(header.has_value());
+    CHECK(header->length == 56);
+    CHECK(header->type == frame::frame_type::hello);
+    REQUIRE(decoded.has_value());
+    CHECK(decoded->role == frame::role::bridge);
+    CHECK(decoded->instance == h.instance);
+    CHECK(decoded->settings.max_frame_payload == 65536);
+    CHECK(decoded->settings.initial_connection_window == 33554432);
+    CHECK(encoded == wire);
+}
+
+TEST_CASE("documented HEADERS examples match the encoders", "[frame]") {
+    SECTION("request GET /v1/sys/health with two fields and END_STREAM") {
+        auto wire =
+            hex("00 00 39 01 01 00 00 00 01  00 03 47 45 54"
+                "00 0e 2f 76 31 2f 73 79 73 2f 68 65 61 6c 74 68  00 02"
+                "00 04 48 6f 73 74  00 05 76 61 75 6c 74"
+                "00 0d 58 2d 56 61 75 6c 74 2d 54 6f 6b 65 6e  00 04 72 6f 6f 74");
+        frame::request_head h{
+            "GET", "/v1/sys/health", {{"Host", "vault"}, {"X-Vault-Token", "root"}}};
+
+        auto header = frame::decode_header(wire, max_payload);
+        auto decoded = frame::decode_request_head(payload_of(wire));
+        std::vector<std::uint8_t> encoded;
+        frame::append_frame(encoded, frame::frame_type::headers, frame::flag::end_stream, 1,
+                            frame::encode_request_head(h));
+
+        REQUIRE(header.has_value());
+        CHECK(header->length == 57);
+        CHECK(header->flags == frame::flag::end_stream);
+        CHECK(header->stream_id == 1);
+        REQUIRE(decoded.has_value());
+        CHECK(decoded->method == "GET");
+        CHECK(decoded->target == "/v1/sys/health");
+        REQUIRE(decoded->fields.size() == 2);
+        CHECK(decoded->fields[1].name == "X-Vault-Token");
+        CHECK(decoded->fields[1].value == "root");
+        CHECK(encoded == wire);
+    }
+    SECTION("response 200 with Content-Length") {
+        auto wire =
+            hex("00 00 17 01 00 00 00 00 01  00 c8  00 01"
+                "00 0e 43 6f 6e 74 65 6e 74 2d 4c 65 6e 67 74 68  00 01 32");
+        frame::response_head h{200, {{"Content-Length", "2"}}};
+
+        auto decoded = frame::decode_response_head(payload_of(wire));
+        std::vector<std::uint8_t> encoded;
+        frame::append_frame(encoded, frame::frame_type::headers, 0, 1,
+                            frame::encode_response_head(h));
+
+        REQUIRE(decoded.has_value());
+        CHECK(decoded->status == 200);
+        REQUIRE(decoded->fields.size() == 1);
+        CHECK(decoded->fields[0].value == "2");
+        CHECK(encoded == wire);
+    }
+}
+
+TEST_CASE("documented control frame examples decode", "[frame]") {
+    SECTION("WINDOW_UPDATE of 1 MiB on stream 1") {
+        auto wire = hex("00 00 04 03 00 00 00 00 01  00 10 00 00");
+        auto header = frame::decode_header(wire, max_payload);
+        auto increment = frame::decode_window_update(payload_of(wire));
+        REQUIRE(header.has_value());
+        CHECK(header->stream_id == 1);
+        REQUIRE(increment.has_value());
+        CHECK(*increment == 1048576);
+    }
+    SECTION("RST_STREAM CANCEL on stream 3") {
+        auto wire = hex("00 00 04 04 00 00 00 00 03  00 00 00 07");
+        auto header = frame::decode_header(wire, max_payload);
+        REQUIRE(header.has_value());
+        CHECK(header->type == frame::frame_type::rst_stream);
+        CHECK(frame::decode_u32(payload_of(wire).data()) ==
+              static_cast<std::uint32_t>(errc::cancel));
+    }
+    SECTION("GOAWAY after stream 7 with debug data") {
+        auto wire = hex("00 00 0b 06 00 00 00 00 00  00 00 00 07  00 00 00 00  62 79 65");
+        auto decoded = frame::decode_goaway(payload_of(wire));
+        std::vector<std::uint8_t> encoded;
+        frame::append_frame(encoded, frame::frame_type::goaway, 0, 0,
+                            frame::encode_goaway({7, 0, "bye"}));
+        REQUIRE(decoded.has_value());
+        CHECK(decoded->last_stream_id == 7);
+        CHECK(decoded->error_code == 0);
+        CHECK(decoded->debug == "bye");
+        CHECK(encoded == wire);
+    }
+    SECTION("PING and its ACK") {
+        auto ping = frame::decode_header(hex("00 00 08 05 00 00 00 00 00"), max_payload);
+        auto ack = frame::decode_header(hex("00 00 08 05 01 00 00 00 00"), max_payload);
+        REQUIRE(ping.has_value());
+        REQUIRE(ack.has_value());
+        CHECK(ping->flags == 0);
+        CHECK(ack->flags == frame::flag::ack);
+    }
+    SECTION("last DATA of a body") {
+        auto wire = hex("00 00 02 02 01 00 00 00 01  7b 7d");
+        auto header = frame::decode_header(wire, max_payload);
+        REQUIRE(header.has_value());
+        CHECK(header->type == frame::frame_type::data);
+        CHECK(header->flags == frame::flag::end_stream);
+        CHECK(header->length == 2);
+    }
+}
+
+TEST_CASE("goaway decoder drops the reserved bit", "[frame]") {
+    auto decoded = frame::decode_goaway(bytes({0x80, 0, 0, 5, 0, 0, 0, 1}));
+
+    REQUIRE(decoded.has_value());
+    CHECK(decoded->last_stream_id == 5);
+    CHECK(decoded->error_code == 1);
+    CHECK(decoded->debug.empty());
+}
+
+TEST_CASE("hello decoder keeps the last repeated setting", "[frame]") {
+    auto payload = frame::encode_hello(frame::hello{});
+    for (int value : {7, 9}) {
+        auto extra = bytes({0, 3, 0, 0, 0, value});
+        payload.insert(payload.end(), extra.begin(), extra.end());
+    }
+
+    auto decoded = frame::decode_hello(payload);
+
+    REQUIRE(decoded.has_value());
+    CHECK(decoded->settings.max_concurrent_streams == 9);
 }
