@@ -21,6 +21,8 @@ constexpr std::size_t write_batch_bytes = 256 * 1024;
 constexpr std::size_t read_chunk_bytes = 64 * 1024;
 // Received DATA is kept in chunks of up to this size.
 constexpr std::size_t coalesce_bytes = 64 * 1024;
+// PINGs a peer may send in one second before it is cut off for flooding.
+constexpr std::uint32_t max_pings_per_second = 100;
 // Time that a closing session gives its writer to flush GOAWAY before the socket is closed.
 constexpr auto flush_timeout = std::chrono::seconds(1);
 
@@ -739,6 +741,16 @@ error_code session::on_ping(const frame::frame_header& h, frame::bytes payload) 
     }
     if (control_.size() >= options_.max_queued_control_frames) {
         return connection_error(errc::enhance_your_calm, "control frame queue full");
+    }
+    // A peer's keepalive sends a PING every few seconds; hundreds in one second are a flood,
+    // whether or not the answers still fit in the socket buffers.
+    auto now = std::chrono::steady_clock::now();
+    if (now - ping_window_start_ >= std::chrono::seconds(1)) {
+        ping_window_start_ = now;
+        pings_in_window_ = 0;
+    }
+    if (++pings_in_window_ > max_pings_per_second) {
+        return connection_error(errc::enhance_your_calm, "PING flood");
     }
     queue_control(frame::frame_type::ping, frame::flag::ack, 0, payload);
     return {};

@@ -363,7 +363,8 @@ def test_broker_ping_flood_gets_enhance_your_calm(harness):
     logged = broker.wait_for_event("connection_error", timeout=10, offset=offset,
                                    code="enhance_your_calm")
     assert sent > 10000
-    assert logged["error"] == "control frame queue full"
+    # Either limit may trip first: the rate of PINGs, or the queue of answers not yet sent.
+    assert logged["error"] in ("PING flood", "control frame queue full")
     broker.wait_for_event("bridge_disconnected", timeout=10, offset=offset,
                           reason="enhance_your_calm")
     assert_broker_serves(broker)

@@ -244,6 +244,8 @@ private:
     std::uint64_t ping_counter_ = 0;
     std::optional<std::chrono::steady_clock::time_point> ping_sent_;
     std::optional<std::chrono::microseconds> rtt_;
+    std::chrono::steady_clock::time_point ping_window_start_{};
+    std::uint32_t pings_in_window_ = 0;
 
     net::event idle_;
     bool closed_ = false;
