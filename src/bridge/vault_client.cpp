@@ -6,7 +6,6 @@
 #include <optional>
 
 #include <boost/asio/connect.hpp>
-#include <boost/asio/experimental/awaitable_operators.hpp>
 #include <boost/asio/ssl.hpp>
 #include <boost/beast/http.hpp>
 
@@ -134,13 +133,12 @@ asio::awaitable<bool> upload(Stream& sock, deadlines& timers, std::shared_ptr<mu
 template <class Stream>
 asio::awaitable<exchange_result> exchange(Stream& sock, vault_connection& vc,
                                           std::shared_ptr<mux::stream> s, const options& opt) {
-    using namespace asio::experimental::awaitable_operators;
     exchange_result result;
     const auto& req = s->request();
     auto ex = s->session_executor();
 
-    auto timers = std::make_shared<deadlines>(ex, [&vc] { vc.close(); });
-    timers->start();
+    // The connection's watchdog; every slot it arms here is disarmed again before returning.
+    auto& timers = vc.timers;
 
     // Hop-by-hop fields were removed by the broker; removing them again keeps a faulty or
     // hostile broker from choosing the framing that the vault sees.
@@ -155,7 +153,6 @@ asio::awaitable<exchange_result> exchange(Stream& sock, vault_connection& vc,
     if (auto cl = taser::http::find_field(fields, "content-length")) {
         length = parse_length(*cl);
         if (!length || taser::http::count_fields(fields, "content-length") > 1) {
-            timers->stop();
             respond_error(s, 400, "invalid Content-Length");
             result.ec = make_error_code(errc::protocol_error);
             co_return result;
@@ -182,7 +179,6 @@ asio::awaitable<exchange_result> exchange(Stream& sock, vault_connection& vc,
         co_await asio::async_write(sock, asio::buffer(head), as_tuple(use_awaitable));
     timers->disarm(deadlines::write);
     if (wec) {
-        timers->stop();
         result.ec = wec;
         co_return result;
     }
@@ -203,24 +199,9 @@ asio::awaitable<exchange_result> exchange(Stream& sock, vault_connection& vc,
             "vault_upload");
     }
 
-    // A reset from the broker (the client went away) aborts the vault request. The watcher
-    // may wake after this frame is gone, so what it shares with it is reference counted.
-    struct watch_state {
-        explicit watch_state(const asio::any_io_executor& e) : done_event(e) {}
-        bool done = false;
-        net::event done_event;
-    };
-    auto watch = std::make_shared<watch_state>(ex);
+    // A reset from the broker (the client went away) aborts the vault request.
     auto* connection = &vc;
-    net::spawn(
-        ex,
-        [watch, connection, s]() -> asio::awaitable<void> {
-            co_await (s->wait_failed() || watch->done_event.wait());
-            if (!watch->done) {
-                connection->close();
-            }
-        },
-        "vault_stream_watch");
+    s->on_failure([connection] { connection->close(); });
 
     bool head_request = req.method == "HEAD";
     std::optional<bhttp::response_parser<bhttp::buffer_body>> parser;
@@ -290,8 +271,7 @@ asio::awaitable<exchange_result> exchange(Stream& sock, vault_connection& vc,
         }
     }
 
-    watch->done = true;
-    watch->done_event.notify();
+    s->on_failure(nullptr);
     if (upload_running) {
         // The vault answered before it read the whole body: stop sending it, and tell the
         // broker that the rest of the request is not wanted.
@@ -304,7 +284,6 @@ asio::awaitable<exchange_result> exchange(Stream& sock, vault_connection& vc,
         }
         upload_ok = false;
     }
-    timers->stop();
     result.ec = ec;
     result.reusable = complete && upload_ok && parser && parser->keep_alive() && !timers->expired();
     co_return result;
@@ -327,6 +306,12 @@ asio::awaitable<std::tuple<error_code, tcp::resolver::results_type>> vault_clien
                                               as_tuple(use_awaitable));
 }
 
+vault_connection::~vault_connection() {
+    if (timers) {
+        timers->stop();
+    }
+}
+
 void vault_connection::close() noexcept {
     error_code ignored;
     if (tls) {
@@ -344,6 +329,9 @@ vault_client::vault_client(const asio::any_io_executor& ex, const options& o, tl
 
 asio::awaitable<std::unique_ptr<vault_connection>> vault_client::connect(error_code& ec) {
     auto c = std::make_unique<vault_connection>();
+    auto* raw_connection = c.get();
+    c->timers = std::make_shared<deadlines>(executor_, [raw_connection] { raw_connection->close(); });
+    c->timers->start();
     const auto& where = options_.vault.authority;
     auto [rec, endpoints] = co_await resolve(where);
     if (rec) {

@@ -15,6 +15,7 @@
 
 #include "taser/bridge/bridge.hpp"
 #include "taser/mux/session.hpp"
+#include "taser/net/deadlines.hpp"
 #include "taser/net/event.hpp"
 #include "taser/tls/reloader.hpp"
 
@@ -30,6 +31,13 @@ struct vault_connection {
     boost::beast::flat_buffer buffer;
     std::chrono::steady_clock::time_point idle_since;
     bool reused = false;
+    // Deadlines of the reads and writes on this connection; one watchdog for its whole life.
+    std::shared_ptr<net::deadlines> timers;
+
+    vault_connection() = default;
+    vault_connection(const vault_connection&) = delete;
+    vault_connection& operator=(const vault_connection&) = delete;
+    ~vault_connection();
 
     void close() noexcept;
 };

@@ -4,7 +4,6 @@
 #include <charconv>
 #include <optional>
 
-#include <boost/asio/experimental/awaitable_operators.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
 
@@ -167,12 +166,12 @@ template <class Stream>
 asio::awaitable<response_outcome> download(client<Stream>& c, std::shared_ptr<mux::stream> s,
                                            bool head_request, bool http11, bool keep_alive,
                                            const bool& body_too_large) {
-    using namespace asio::experimental::awaitable_operators;
     response_outcome out;
     auto& opt = c.st.opt;
 
-    auto first = co_await (s->read_response_head() || net::sleep(opt.request_timeout));
-    if (first.index() == 1) {
+    auto head = co_await s->read_response_head(std::chrono::steady_clock::now() +
+                                               opt.request_timeout);
+    if (!head && head.error() == errc::timeout) {
         log::warn(
             "request_timeout",
             {{"conn", c.conn}, {"stream", s->id()}, {"timeout_ms", opt.request_timeout.count()}});
@@ -182,7 +181,6 @@ asio::awaitable<response_outcome> download(client<Stream>& c, std::shared_ptr<mu
         out.complete = true;
         co_return out;
     }
-    auto head = std::get<0>(std::move(first));
     if (!head && body_too_large) {
         // The upload stopped at --max-body-size and reset the stream: that is the reason.
         out.status = 413;
@@ -314,8 +312,7 @@ asio::awaitable<response_outcome> download(client<Stream>& c, std::shared_ptr<mu
             break;
         }
         // Nothing buffered: wait for more, but not longer than a connection may stay idle.
-        auto more = co_await (s->wait_readable() || net::sleep(opt.idle_timeout));
-        if (more.index() == 1) {
+        if (!co_await s->wait_readable(std::chrono::steady_clock::now() + opt.idle_timeout)) {
             log::warn(
                 "response_stalled",
                 {{"conn", c.conn}, {"stream", s->id()}, {"timeout_ms", opt.idle_timeout.count()}});
@@ -334,7 +331,6 @@ asio::awaitable<response_outcome> download(client<Stream>& c, std::shared_ptr<mu
 // else the bridge's answer (503 when it cannot reach the vault) or 502 when none came.
 asio::awaitable<std::shared_ptr<mux::stream>> open_tunnel(state& st, std::uint64_t conn,
                                                           std::string authority, unsigned& status) {
-    using namespace asio::experimental::awaitable_operators;
     auto session = co_await st.pool.acquire(st.opt.bridge_wait);
     if (!session) {
         ++st.stats.requests_no_bridge;
@@ -349,13 +345,14 @@ asio::awaitable<std::shared_ptr<mux::stream>> open_tunnel(state& st, std::uint64
         co_return nullptr;
     }
     auto s = *opened;
-    auto head = co_await (s->read_response_head() || net::sleep(st.opt.request_timeout));
-    if (head.index() == 1 || !std::get<0>(head)) {
+    auto head = co_await s->read_response_head(std::chrono::steady_clock::now() +
+                                               st.opt.request_timeout);
+    if (!head) {
         s->reset(errc::cancel);
         status = 502;
         co_return nullptr;
     }
-    status = std::get<0>(head)->status;
+    status = head->status;
     if (status != 200) {
         log::write_limited(log::level::warn, "tunnel_refused",
                            {{"conn", conn}, {"stream", s->id()}, {"status", status}});

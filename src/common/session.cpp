@@ -90,9 +90,14 @@ void stream::fail(error_code ec) {
     error_ = ec;
     drop_outbox();
     wake();
+    if (auto fn = std::move(on_failure_)) {
+        on_failure_ = nullptr;
+        fn();
+    }
 }
 
-asio::awaitable<frame::result<frame::response_head>> stream::read_response_head() {
+asio::awaitable<frame::result<frame::response_head>> stream::read_response_head(
+    std::chrono::steady_clock::time_point deadline) {
     auto self = shared_from_this();
     for (;;) {
         if (response_) {
@@ -101,7 +106,9 @@ asio::awaitable<frame::result<frame::response_head>> stream::read_response_head(
         if (error_) {
             co_return error_;
         }
-        co_await readable_.wait();
+        if (co_await readable_.wait_until(deadline)) {
+            co_return make_error_code(errc::timeout);
+        }
     }
 }
 
@@ -143,11 +150,14 @@ asio::awaitable<std::tuple<error_code, std::vector<std::uint8_t>>> stream::read(
     }
 }
 
-asio::awaitable<void> stream::wait_readable() {
+asio::awaitable<bool> stream::wait_readable(std::chrono::steady_clock::time_point deadline) {
     auto self = shared_from_this();
     while (inbox_.empty() && !remote_ended_ && !error_) {
-        co_await readable_.wait();
+        if (co_await readable_.wait_until(deadline)) {
+            co_return false;
+        }
     }
+    co_return true;
 }
 
 asio::awaitable<void> stream::wait_failed() {

@@ -67,8 +67,11 @@ public:
     // The request head that opened the stream (the bridge's side).
     const frame::request_head& request() const noexcept { return request_; }
 
-    // Waits for the peer's response head (the broker's side).
-    asio::awaitable<frame::result<frame::response_head>> read_response_head();
+    // Waits for the peer's response head (the broker's side); fails with errc::timeout at the
+    // deadline.
+    asio::awaitable<frame::result<frame::response_head>> read_response_head(
+        std::chrono::steady_clock::time_point deadline =
+            std::chrono::steady_clock::time_point::max());
 
     // Returns the next DATA payload. An empty payload with no error means that the peer ended
     // its side of the stream. Data that arrived before an error is returned before the error.
@@ -80,8 +83,14 @@ public:
 
     // Waits until the stream fails (reset by either side, or its session closed).
     asio::awaitable<void> wait_failed();
-    // Waits until try_read() would return something other than empty.
-    asio::awaitable<void> wait_readable();
+    // Waits until try_read() would return something other than empty; returns false when the
+    // deadline passed first.
+    asio::awaitable<bool> wait_readable(std::chrono::steady_clock::time_point deadline =
+                                            std::chrono::steady_clock::time_point::max());
+
+    // Calls fn once if the stream fails (reset by either side, or its session closed) while
+    // fn is set; an empty fn clears it. The bridge uses it to abort the request to the vault.
+    void on_failure(std::function<void()> fn) { on_failure_ = std::move(fn); }
 
     // Queues a response head (the bridge's side).
     error_code write_response_head(const frame::response_head& head, bool end_stream);
@@ -132,6 +141,7 @@ private:
 
     error_code error_;
     std::uint32_t peer_reset_code_ = 0;
+    std::function<void()> on_failure_;
 };
 
 // A tunnel connection. The broker opens streams with open(); the bridge is told of new streams

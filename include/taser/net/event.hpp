@@ -26,6 +26,18 @@ public:
         (void)ec;
     }
 
+    // Waits like wait(), but at most until deadline; returns true when the deadline passed.
+    // Other waiters of the same event may wake early, which their condition loop absorbs.
+    asio::awaitable<bool> wait_until(std::chrono::steady_clock::time_point deadline) {
+        timer_.expires_at(deadline);
+        auto [ec] = co_await timer_.async_wait(asio::as_tuple(asio::use_awaitable));
+        bool expired = !ec;
+        if (expired) {
+            timer_.expires_at(asio::steady_timer::time_point::max());
+        }
+        co_return expired;
+    }
+
     void notify() { timer_.cancel(); }
 
 private:
