@@ -127,6 +127,7 @@ po::options_description describe() {
         ("allow-tunnels", po::bool_switch(),
          "accept byte tunnels (a broker's passthrough edge and CONNECT); each one connects to "
          "the host and port of --vault-address and nowhere else")
+        ("allow-connect", po::bool_switch(), "the same as --allow-tunnels")
         ("vault-max-connections", s("128"),
          "connections to the vault at once; further requests wait for one")
         ("vault-max-idle", s("32"),
@@ -139,8 +140,8 @@ po::options_description describe() {
         ("connect-timeout", s("5s"), "time to connect to a broker or the vault (duration)")
         ("handshake-timeout", s("10s"), "time for the TLS and tunnel handshake (duration)")
         ("keepalive-interval", s("15s"),
-         "time from one tunnel PING's answer to the next PING; a dead path is detected "
-         "within interval + timeout (duration)")
+         "time between tunnel PINGs; a dead path is detected within about interval + "
+         "timeout (duration)")
         ("keepalive-timeout", s("10s"),
          "time a PING may go unanswered before the tunnel is declared dead (duration)")
         ("reconnect-min", s("100ms"), "first delay before dialling again (duration)")
@@ -203,7 +204,7 @@ options to_options(const po::variables_map& vm) {
     if (!o.vault_ca.empty() && o.vault.scheme != "https") {
         throw config::invalid_value("--vault-ca is only used with an https --vault-address");
     }
-    o.allow_tunnels = vm["allow-tunnels"].as<bool>();
+    o.allow_tunnels = vm["allow-tunnels"].as<bool>() || vm["allow-connect"].as<bool>();
     o.vault_max_connections = static_cast<decltype(o.vault_max_connections)>(
         config::parse_count("vault-max-connections", str("vault-max-connections"), 1, 100000));
     o.vault_max_idle = static_cast<decltype(o.vault_max_idle)>(

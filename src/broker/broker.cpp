@@ -73,8 +73,8 @@ po::options_description describe() {
          "bridge TLS handshakes in progress at once; more are closed at accept")
         ("max-bridges", s("64"), "bridges connected at once")
         ("keepalive-interval", s("15s"),
-         "time from one tunnel PING's answer to the next PING; a dead path is detected "
-         "within interval + timeout (duration)")
+         "time between tunnel PINGs; a dead path is detected within about interval + "
+         "timeout (duration)")
         ("keepalive-timeout", s("10s"), "time a PING may go unanswered before the tunnel is "
                                         "declared dead (duration)")
         ("max-frame-payload", s("64KiB"), "largest frame payload the bridge may send (size)")
@@ -181,6 +181,12 @@ options to_options(const po::variables_map& vm) {
     o.tunnel_idle_timeout = duration("tunnel-idle-timeout");
     o.handshake_timeout = duration("handshake-timeout");
     o.max_header_bytes = config::parse_size("max-header-size", str("max-header-size"));
+    // Below 1KiB no real client fits; above 1MiB the header block could not travel in one
+    // HEADERS frame.
+    if (o.max_header_bytes < 1024 || o.max_header_bytes > 1024 * 1024) {
+        throw config::invalid_value("invalid value for --max-header-size: expected a size from "
+                                    "1KiB to 1MiB");
+    }
     o.max_body_bytes = config::parse_size("max-body-size", str("max-body-size"));
     o.max_client_connections =
         config::parse_count("max-client-connections", str("max-client-connections"), 1, 1000000);

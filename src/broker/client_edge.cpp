@@ -542,7 +542,9 @@ asio::awaitable<bool> exchange(client<Stream>& c,
     if (log::enabled(log::level::debug)) {
         auto elapsed = std::chrono::duration_cast<std::chrono::microseconds>(
             std::chrono::steady_clock::now() - started);
-        auto path = taser::http::loggable_path(req.target());
+        // Redacted from the origin form, so that an absolute-form target cannot carry a token
+        // past the check of its path.
+        auto path = taser::http::loggable_path(head.target);
         log::debug("request", {{"conn", c.conn},
                                {"bridge_conn", s->conn_id()},
                                {"stream", s->id()},
