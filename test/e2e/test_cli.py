@@ -49,3 +49,72 @@ def test_bad_flags_exit_2(taser_bin, args):
 
     assert completed.returncode == USAGE_ERROR, completed.stderr
     assert completed.stderr.strip() != ""
+
+
+def broker_argv(taser_bin, certs, *extra):
+    return [str(taser_bin), "broker", "--plaintext", "--listen", "127.0.0.1:0",
+            "--bridge-listen", "127.0.0.1:0", "--admin-listen", "off",
+            "--bridge-cert", str(certs / "broker.pem"), "--bridge-key", str(certs / "broker-key.pem"),
+            "--bridge-ca", str(certs / "ca.pem"), *extra]
+
+
+def run_with_env(argv, env_extra=None):
+    import os
+    import subprocess
+
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    return subprocess.run(argv, capture_output=True, timeout=30, env=env)
+
+
+def test_flag_beats_environment(taser_bin, certs):
+    done = run_with_env(broker_argv(taser_bin, certs, "--bridge-wait", "bogus-flag"),
+                     {"TASER_BRIDGE_WAIT": "2s"})
+
+    assert done.returncode == 2
+    assert b"bogus-flag" in done.stderr
+
+
+def test_environment_beats_config_file(taser_bin, certs, tmp_path):
+    config = tmp_path / "broker.conf"
+    config.write_text("bridge-wait = 3s\n")
+
+    done = run_with_env(broker_argv(taser_bin, certs, "--config", str(config)),
+                     {"TASER_BRIDGE_WAIT": "bogus-env"})
+
+    assert done.returncode == 2
+    assert b"bogus-env" in done.stderr
+
+
+def test_config_file_is_read(taser_bin, certs, tmp_path):
+    config = tmp_path / "broker.conf"
+    config.write_text("# a comment\nbridge-wait = bogus-file\n")
+
+    done = run_with_env(broker_argv(taser_bin, certs, "--config", str(config)))
+
+    assert done.returncode == 2
+    assert b"bogus-file" in done.stderr
+
+
+def test_config_file_unknown_key_is_an_error(taser_bin, certs, tmp_path):
+    config = tmp_path / "broker.conf"
+    config.write_text("bridge-wiat = 3s\n")
+
+    done = run_with_env(broker_argv(taser_bin, certs, "--config", str(config)))
+
+    assert done.returncode == 2
+    assert b"bridge-wiat" in done.stderr
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--bridge-wait", "5 s", b"duration"),
+    ("--max-body-size", "12XB", b"size"),
+    ("--max-bridges", "-1", b"whole number"),
+    ("--max-header-size", "100", b"1KiB"),
+])
+def test_invalid_values_name_the_unit(taser_bin, certs, flag, value, expected):
+    done = run_with_env(broker_argv(taser_bin, certs, flag, value))
+
+    assert done.returncode == 2
+    assert expected in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
