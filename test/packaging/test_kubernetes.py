@@ -431,3 +431,22 @@ def test_helm_notes_name_broker_address(renderer, tmp_path):
     notes = result.stdout.split("# Notes\n", 1)[1]
     assert "TASER_BROKER_ADDRESS=vault-tunnel.example.com:8444" in notes
     assert "https://taser.vault.svc:8443" in notes
+
+
+@needs_renderer
+def test_helm_vault_ca_configmap(renderer, tmp_path):
+    pem = "-----BEGIN CERTIFICATE-----\nMIIBtest\n-----END CERTIFICATE-----"
+    documents = rendered_documents(renderer, tmp_path,
+                                   {"broker": {"clientEdge": "passthrough", "vaultCA": pem}})
+
+    maps = [d for d in documents if d["kind"] == "ConfigMap"]
+    assert len(maps) == 1
+    assert maps[0]["metadata"]["name"].endswith("-vault-ca")
+    assert maps[0]["data"]["ca.crt"].strip() == pem
+
+
+@needs_renderer
+def test_helm_no_vault_ca_configmap_by_default(renderer, tmp_path):
+    documents = rendered_documents(renderer, tmp_path)
+
+    assert [d for d in documents if d["kind"] == "ConfigMap"] == []
