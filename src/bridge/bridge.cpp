@@ -147,6 +147,9 @@ po::options_description describe() {
         ("reconnect-min", s("100ms"), "first delay before dialling again (duration)")
         ("reconnect-max", s("5s"), "longest delay between dial attempts (duration)")
         ("max-frame-payload", s("64KiB"), "largest frame payload the broker may send (size)")
+        ("max-header-block", s("64KiB"),
+         "largest request head the broker may send, from 1KiB up to --max-frame-payload; each "
+         "open stream keeps its head in memory (size)")
         ("stream-window", s("4MiB"), "flow-control window of each stream (size)")
         ("connection-window", s("32MiB"), "flow-control window of each tunnel (size)")
         ("max-streams", s("16384"),
@@ -239,7 +242,13 @@ options to_options(const po::variables_map& vm) {
     o.settings.initial_connection_window = window("connection-window");
     o.settings.max_concurrent_streams = static_cast<decltype(o.settings.max_concurrent_streams)>(
         config::parse_count("max-streams", str("max-streams"), 1, 1000000));
-    o.settings.max_header_block = o.settings.max_frame_payload;
+    auto header_block = config::parse_size("max-header-block", str("max-header-block"));
+    if (header_block < 1024 || header_block > o.settings.max_frame_payload) {
+        throw config::invalid_value(
+            "invalid value for --max-header-block: expected a size from 1KiB to "
+            "--max-frame-payload");
+    }
+    o.settings.max_header_block = static_cast<std::uint32_t>(header_block);
     o.instance_name = str("instance-id");
     o.drain_timeout = duration("drain-timeout");
     o.admin_allow_remote = vm["admin-allow-remote"].as<bool>();

@@ -118,3 +118,12 @@ def test_invalid_values_name_the_unit(taser_bin, certs, flag, value, expected):
     assert done.returncode == 2
     assert expected in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_bridge_header_block_range(taser_bin, certs):
+    done = run_with_env([str(taser_bin), "bridge", "--broker-address", "localhost:1",
+                         "--ca-cert", str(certs / "ca.pem"), "--client-cert", str(certs / "bridge.pem"),
+                         "--client-key", str(certs / "bridge-key.pem"), "--max-header-block", "100"])
+
+    assert done.returncode == 2
+    assert b"--max-header-block" in done.stderr
