@@ -19,6 +19,7 @@
 #include "taser/metrics/metrics.hpp"
 #include "taser/mux/transport.hpp"
 #include "taser/net/deadlines.hpp"
+#include "taser/net/lifecycle.hpp"
 #include "taser/net/listen.hpp"
 #include "taser/net/spawn.hpp"
 #include "taser/tls/reloader.hpp"
@@ -584,35 +585,8 @@ int run(const options& o) {
     }
 
     net::spawn(io.get_executor(), tls::watch(reloaders, o.cert_reload_interval), "cert_watch");
-    asio::signal_set hangup(io, SIGHUP);
-    std::function<void(error_code, int)> on_hangup = [&](error_code ec, int) {
-        if (ec) {
-            return;
-        }
-        for (auto* r : reloaders) {
-            r->check(true);
-        }
-        hangup.async_wait(on_hangup);
-    };
-    hangup.async_wait(on_hangup);
-
-    asio::signal_set signals(io, SIGTERM, SIGINT);
-    int signals_seen = 0;
-    std::function<void(error_code, int)> on_signal = [&](error_code ec, int number) {
-        if (ec) {
-            return;
-        }
-        if (++signals_seen > 1) {
-            log::warn("shutdown_forced", {{"signal", number}});
-            io.stop();
-            return;
-        }
-        log::info("drain_started",
-                  {{"signal", number}, {"drain_timeout_ms", o.drain_timeout.count()}});
-        net::spawn(io.get_executor(), drain(st), "drain");
-        signals.async_wait(on_signal);
-    };
-    signals.async_wait(on_signal);
+    net::signal_handlers signals(io, reloaders, o.drain_timeout,
+                                 [&] { net::spawn(io.get_executor(), drain(st), "drain"); });
 
     io.run();
     log::info("bridge_stopped", {});

@@ -11,6 +11,7 @@
 #include "taser/log/log.hpp"
 #include "taser/mux/transport.hpp"
 #include "taser/net/deadlines.hpp"
+#include "taser/net/lifecycle.hpp"
 #include "taser/net/listen.hpp"
 #include "taser/net/spawn.hpp"
 
@@ -146,17 +147,11 @@ asio::awaitable<void> serve_bridge(state& st, tcp::socket socket) {
 
 asio::awaitable<void> accept_bridges(state& st, tcp::acceptor& acceptor) {
     for (;;) {
-        auto [ec, socket] = co_await acceptor.async_accept(as_tuple(use_awaitable));
-        if (ec) {
-            if (ec == asio::error::operation_aborted || !acceptor.is_open()) {
-                co_return;
-            }
-            log::write_limited(log::level::error, "accept_failed",
-                               {{"listener", "bridge"}, {"error", ec.message()}});
-            asio::steady_timer pause(st.io.get_executor(), std::chrono::milliseconds(100));
-            co_await pause.async_wait(as_tuple(use_awaitable));
-            continue;
+        auto accepted = co_await net::accept_next(acceptor, "bridge");
+        if (!accepted) {
+            co_return;
         }
+        auto socket = std::move(*accepted);
         // Both caps are checked before any TLS work, so that a flood costs one accept each.
         if (st.handshakes_in_progress >= st.opt.max_handshakes) {
             error_code ignored;

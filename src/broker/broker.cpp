@@ -9,6 +9,7 @@
 #include "taser/admin/admin.hpp"
 #include "taser/config/cli.hpp"
 #include "taser/log/log.hpp"
+#include "taser/net/lifecycle.hpp"
 #include "taser/net/listen.hpp"
 #include "taser/net/spawn.hpp"
 #include "taser/version.hpp"
@@ -184,8 +185,9 @@ options to_options(const po::variables_map& vm) {
     // Below 1KiB no real client fits; above 1MiB the header block could not travel in one
     // HEADERS frame.
     if (o.max_header_bytes < 1024 || o.max_header_bytes > 1024 * 1024) {
-        throw config::invalid_value("invalid value for --max-header-size: expected a size from "
-                                    "1KiB to 1MiB");
+        throw config::invalid_value(
+            "invalid value for --max-header-size: expected a size from "
+            "1KiB to 1MiB");
     }
     o.max_body_bytes = config::parse_size("max-body-size", str("max-body-size"));
     o.max_client_connections =
@@ -333,37 +335,10 @@ int run(const options& o) {
     net::spawn(io.get_executor(), accept_bridges(st, bridge_acceptor), "accept_bridges");
 
     net::spawn(io.get_executor(), tls::watch(reloaders, o.cert_reload_interval), "cert_watch");
-    asio::signal_set hangup(io, SIGHUP);
-    std::function<void(error_code, int)> on_hangup = [&](error_code ec, int) {
-        if (ec) {
-            return;
-        }
-        for (auto* r : reloaders) {
-            r->check(true);
-        }
-        hangup.async_wait(on_hangup);
-    };
-    hangup.async_wait(on_hangup);
-
-    asio::signal_set signals(io, SIGTERM, SIGINT);
-    int signals_seen = 0;
-    std::function<void(error_code, int)> on_signal = [&](error_code ec, int number) {
-        if (ec) {
-            return;
-        }
-        if (++signals_seen > 1) {
-            log::warn("shutdown_forced", {{"signal", number}});
-            io.stop();
-            return;
-        }
-        log::info("drain_started", {{"signal", number},
-                                    {"drain_timeout_ms", o.drain_timeout.count()},
-                                    {"clients", st.clients.size()}});
+    net::signal_handlers signals(io, reloaders, o.drain_timeout, [&] {
         net::spawn(io.get_executor(),
                    drain(st, client_acceptor, passthrough_acceptor, bridge_acceptor), "drain");
-        signals.async_wait(on_signal);
-    };
-    signals.async_wait(on_signal);
+    });
 
     io.run();
     log::info("broker_stopped", {});

@@ -12,6 +12,7 @@
 #include "taser/log/log.hpp"
 #include "taser/mux/relay.hpp"
 #include "taser/net/deadlines.hpp"
+#include "taser/net/lifecycle.hpp"
 #include "taser/net/spawn.hpp"
 
 #include "state.hpp"
@@ -169,8 +170,8 @@ asio::awaitable<response_outcome> download(client<Stream>& c, std::shared_ptr<mu
     response_outcome out;
     auto& opt = c.st.opt;
 
-    auto head = co_await s->read_response_head(std::chrono::steady_clock::now() +
-                                               opt.request_timeout);
+    auto head =
+        co_await s->read_response_head(std::chrono::steady_clock::now() + opt.request_timeout);
     if (!head && head.error() == errc::timeout) {
         log::warn(
             "request_timeout",
@@ -345,8 +346,8 @@ asio::awaitable<std::shared_ptr<mux::stream>> open_tunnel(state& st, std::uint64
         co_return nullptr;
     }
     auto s = *opened;
-    auto head = co_await s->read_response_head(std::chrono::steady_clock::now() +
-                                               st.opt.request_timeout);
+    auto head =
+        co_await s->read_response_head(std::chrono::steady_clock::now() + st.opt.request_timeout);
     if (!head) {
         s->reset(errc::cancel);
         status = 502;
@@ -720,18 +721,11 @@ asio::awaitable<void> serve_passthrough(state& st, tcp::socket socket, std::uint
 
 asio::awaitable<void> accept_clients(state& st, tcp::acceptor& acceptor, client_edge edge) {
     for (;;) {
-        auto [ec, socket] = co_await acceptor.async_accept(as_tuple(use_awaitable));
-        if (ec) {
-            if (ec == asio::error::operation_aborted || !acceptor.is_open()) {
-                co_return;
-            }
-            log::write_limited(log::level::error, "accept_failed",
-                               {{"listener", "client"}, {"error", ec.message()}});
-            // Out of file descriptors or similar: back off instead of spinning.
-            asio::steady_timer pause(st.io.get_executor(), std::chrono::milliseconds(100));
-            co_await pause.async_wait(as_tuple(use_awaitable));
-            continue;
+        auto accepted = co_await net::accept_next(acceptor, "client");
+        if (!accepted) {
+            co_return;
         }
+        auto socket = std::move(*accepted);
         if (st.clients.size() >= st.opt.max_client_connections) {
             ++st.stats.client_rejected_total;
             log::write_limited(log::level::warn, "client_rejected",

@@ -11,6 +11,7 @@
 #include "taser/log/log.hpp"
 #include "taser/net/deadlines.hpp"
 #include "taser/net/event.hpp"
+#include "taser/net/lifecycle.hpp"
 #include "taser/net/spawn.hpp"
 
 namespace taser::admin {
@@ -83,16 +84,11 @@ asio::awaitable<void> serve_one(tcp::socket socket, const handlers& h) {
 asio::awaitable<void> serve(tcp::acceptor& acceptor, handlers h) {
     auto shared = std::make_shared<handlers>(std::move(h));
     for (;;) {
-        auto [ec, socket] = co_await acceptor.async_accept(as_tuple(use_awaitable));
-        if (ec) {
-            if (ec == asio::error::operation_aborted || !acceptor.is_open()) {
-                co_return;
-            }
-            log::write_limited(log::level::error, "accept_failed",
-                               {{"listener", "admin"}, {"error", ec.message()}});
-            co_await net::sleep(std::chrono::milliseconds(100));
-            continue;
+        auto accepted = co_await net::accept_next(acceptor, "admin");
+        if (!accepted) {
+            co_return;
         }
+        auto socket = std::move(*accepted);
         net::spawn(
             acceptor.get_executor(),
             [shared, s = std::move(socket)]() mutable -> asio::awaitable<void> {
