@@ -131,7 +131,7 @@ po::options_description describe() {
         ("allow-connect", po::bool_switch(), "the same as --allow-tunnels")
         ("vault-max-connections", s("128"),
          "connections to the vault at once; further requests wait for one")
-        ("vault-max-idle", s("32"),
+        ("vault-max-idle", s("128"),
          "idle keep-alive connections kept to the vault")
         ("request-timeout", s("120s"),
          "time the vault has to answer a request, and that a request may wait for a free "

@@ -242,10 +242,13 @@ asio::awaitable<exchange_result> exchange(Stream& sock, vault_connection& vc,
         } else if (no_body) {
             complete = true;
         } else {
-            std::vector<std::uint8_t> chunk(body_chunk_bytes);
+            // Beast reads only as much as the buffer's free capacity, so without room made here
+            // a large body would come in pieces of a few KiB, each one a frame and a write.
+            vc.buffer.reserve(vc.buffer.size() + body_chunk_bytes);
+            auto chunk = std::make_unique_for_overwrite<std::uint8_t[]>(body_chunk_bytes);
             while (!parser->is_done()) {
-                parser->get().body().data = chunk.data();
-                parser->get().body().size = chunk.size();
+                parser->get().body().data = chunk.get();
+                parser->get().body().size = body_chunk_bytes;
                 timers->arm(deadlines::read, opt.request_timeout);
                 // read_some hands over what arrived, so a slow stream's pieces flow as sent.
                 auto [rec, n] = co_await bhttp::async_read_some(sock, vc.buffer, *parser,
@@ -258,10 +261,10 @@ asio::awaitable<exchange_result> exchange(Stream& sock, vault_connection& vc,
                     ec = rec;
                     break;
                 }
-                auto got = chunk.size() - parser->get().body().size;
+                auto got = body_chunk_bytes - parser->get().body().size;
                 bool last = parser->is_done();
                 if (got > 0 || last) {
-                    if (auto sec = co_await s->write({chunk.data(), got}, last)) {
+                    if (auto sec = co_await s->write({chunk.get(), got}, last)) {
                         ec = sec;
                         break;
                     }
@@ -296,10 +299,9 @@ asio::awaitable<std::tuple<error_code, tcp::resolver::results_type>> vault_clien
     // A numeric address needs no lookup, and Asio's resolver would hand it to a thread.
     if (config::is_ip_literal(where.host)) {
         auto address = asio::ip::make_address(where.host);
-        co_return std::tuple{error_code{},
-                             tcp::resolver::results_type::create(tcp::endpoint(address, where.port),
-                                                                 where.host,
-                                                                 std::to_string(where.port))};
+        co_return std::tuple{error_code{}, tcp::resolver::results_type::create(
+                                               tcp::endpoint(address, where.port), where.host,
+                                               std::to_string(where.port))};
     }
     tcp::resolver resolver(executor_);
     co_return co_await resolver.async_resolve(where.host, std::to_string(where.port),
@@ -330,7 +332,8 @@ vault_client::vault_client(const asio::any_io_executor& ex, const options& o, tl
 asio::awaitable<std::unique_ptr<vault_connection>> vault_client::connect(error_code& ec) {
     auto c = std::make_unique<vault_connection>();
     auto* raw_connection = c.get();
-    c->timers = std::make_shared<deadlines>(executor_, [raw_connection] { raw_connection->close(); });
+    c->timers =
+        std::make_shared<deadlines>(executor_, [raw_connection] { raw_connection->close(); });
     c->timers->start();
     const auto& where = options_.vault.authority;
     auto [rec, endpoints] = co_await resolve(where);

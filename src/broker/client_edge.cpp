@@ -118,10 +118,12 @@ struct client {
 template <class Stream>
 asio::awaitable<bool> upload(client<Stream>& c, bhttp::request_parser<bhttp::buffer_body>& parser,
                              std::shared_ptr<mux::stream> s, bool& body_too_large) {
-    std::vector<std::uint8_t> chunk(body_chunk_bytes);
+    // Beast reads only as much as the buffer's free capacity: make room for large reads.
+    c.buffer.reserve(c.buffer.size() + body_chunk_bytes);
+    auto chunk = std::make_unique_for_overwrite<std::uint8_t[]>(body_chunk_bytes);
     while (!parser.is_done()) {
-        parser.get().body().data = chunk.data();
-        parser.get().body().size = chunk.size();
+        parser.get().body().data = chunk.get();
+        parser.get().body().size = body_chunk_bytes;
         c.timers->arm(deadlines::read, c.st.opt.idle_timeout);
         // read_some hands over what arrived, so a slowly sent body flows on as it comes.
         auto [ec, n] =
@@ -143,11 +145,11 @@ asio::awaitable<bool> upload(client<Stream>& c, bhttp::request_parser<bhttp::buf
             s->reset(errc::cancel);
             co_return false;
         }
-        auto got = chunk.size() - parser.get().body().size;
+        auto got = body_chunk_bytes - parser.get().body().size;
         c.st.stats.bytes_from_clients += got;
         bool last = parser.is_done();
         if (got > 0 || last) {
-            if (auto wec = co_await s->write({chunk.data(), got}, last)) {
+            if (auto wec = co_await s->write({chunk.get(), got}, last)) {
                 co_return false;
             }
         }

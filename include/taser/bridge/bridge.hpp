@@ -30,7 +30,7 @@ struct options {
     // Accept byte tunnels (CONNECT and passthrough), always to the vault address.
     bool allow_tunnels = false;
     std::size_t vault_max_connections = 128;
-    std::size_t vault_max_idle = 32;
+    std::size_t vault_max_idle = 128;
     std::chrono::milliseconds vault_idle_timeout = 30s;
     std::chrono::milliseconds request_timeout = 120s;
     std::chrono::milliseconds tunnel_idle_timeout = 300s;

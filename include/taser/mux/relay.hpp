@@ -71,10 +71,13 @@ asio::awaitable<relay_counts> relay(Socket& socket, std::shared_ptr<stream> s,
                     co_return;
                 }
             }
-            std::vector<std::uint8_t> chunk(chunk_bytes);
+            // The buffer starts small, so that thousands of quiet tunnels cost little, and grows
+            // up to chunk_bytes while reads keep filling it.
+            std::size_t size = 4096;
+            auto chunk = std::make_unique_for_overwrite<std::uint8_t[]>(size);
             for (;;) {
                 timers.arm(net::deadlines::read, idle);
-                auto [ec, n] = co_await socket.async_read_some(asio::buffer(chunk),
+                auto [ec, n] = co_await socket.async_read_some(asio::buffer(chunk.get(), size),
                                                                asio::as_tuple(asio::use_awaitable));
                 timers.disarm(net::deadlines::read);
                 if (ec == asio::error::eof) {
@@ -86,8 +89,12 @@ asio::awaitable<relay_counts> relay(Socket& socket, std::shared_ptr<stream> s,
                     break;
                 }
                 counts.to_stream += n;
-                if (co_await s->write({chunk.data(), n}, false)) {
+                if (co_await s->write({chunk.get(), n}, false)) {
                     break;
+                }
+                if (n == size && size < chunk_bytes) {
+                    size *= 2;
+                    chunk = std::make_unique_for_overwrite<std::uint8_t[]>(size);
                 }
             }
             up_running = false;
