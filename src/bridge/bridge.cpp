@@ -343,6 +343,7 @@ asio::awaitable<std::shared_ptr<mux::session>> establish(bridge_state& st,
     }
     error_code ignored;
     stream->lowest_layer().set_option(tcp::no_delay(true), ignored);
+    mux::limit_unsent(stream->lowest_layer());
 
     auto name = st.opt.server_name.empty() ? broker.host : st.opt.server_name;
     tls::prepare_client_stream(stream->native_handle(), name);
@@ -409,7 +410,14 @@ asio::awaitable<void> serve_session(bridge_state& st, broker_group& g,
     // A broker that drains sends GOAWAY: dial a replacement now, while this session finishes
     // its running streams.
     // The draining session itself ends once its last stream is done.
-    session->on_goaway = [&st, &g, weak = std::weak_ptr<mux::session>(session)] {
+    auto started_at = std::chrono::steady_clock::now();
+    session->on_goaway = [&st, &g, weak = std::weak_ptr<mux::session>(session), started_at] {
+        // A session drained soon after it began (another bridge with this identity took its
+        // place, say) makes the next dial wait its backoff, so two such bridges do not evict
+        // each other in a tight loop.
+        if (std::chrono::steady_clock::now() - started_at < stable_session) {
+            back_off(st, g);
+        }
         g.changed.notify();
         if (auto s = weak.lock()) {
             net::spawn(
@@ -589,6 +597,12 @@ int run(const options& o) {
                                  [&] { net::spawn(io.get_executor(), drain(st), "drain"); });
 
     io.run();
+    // After a forced stop, sessions and streams still hold each other; closing the sessions
+    // breaks those cycles before the coroutines that own the rest are destroyed.
+    auto sessions = st.sessions;
+    for (const auto& s : sessions) {
+        s->close(make_error_code(errc::cancel));
+    }
     log::info("bridge_stopped", {});
     return 0;
 }

@@ -42,9 +42,37 @@ void reject(state& st, std::string_view peer, std::string_view reason, std::stri
                        {{"peer", peer}, {"reason", reason}, {"error", detail}});
 }
 
+// A bridge that comes back with the same identity replaces its old session, so that no new
+// stream is routed into a connection that may be dead without anyone knowing yet. The old
+// session is asked first: if it still answers a PING, both are live copies of one bridge, and
+// the newcomer is the one sent away, so that two such bridges do not evict each other in a
+// loop. The instance id alone is only a claim: the key must match too.
+asio::awaitable<void> replace_older_sessions(state& st, std::shared_ptr<mux::session> newcomer,
+                                             std::vector<std::shared_ptr<mux::session>> older,
+                                             std::string pin) {
+    for (const auto& old : older) {
+        auto old_pin = st.session_pins.find(old->id());
+        if (old->peer_hello().instance != newcomer->peer_hello().instance ||
+            old_pin == st.session_pins.end() || old_pin->second != pin || old->draining()) {
+            continue;
+        }
+        if (co_await old->probe(std::chrono::seconds(1))) {
+            log::info("bridge_duplicate_refused",
+                      {{"conn", newcomer->id()}, {"live_conn", old->id()}});
+            newcomer->goaway(errc::no_error, "a live session of this bridge exists");
+        } else {
+            // GOAWAY, not a close: streams still running on the old session finish, or fail at
+            // its keepalive if it is dead.
+            log::info("bridge_replaced", {{"conn", old->id()}, {"by_conn", newcomer->id()}});
+            old->goaway(errc::no_error, "replaced by a newer session of the same bridge");
+        }
+    }
+}
+
 asio::awaitable<void> serve_bridge(state& st, tcp::socket socket) {
     error_code ignored;
     socket.set_option(tcp::no_delay(true), ignored);
+    mux::limit_unsent(socket);
     auto peer = format_peer(socket.remote_endpoint(ignored));
     auto conn = st.next_conn_id();
 
@@ -115,22 +143,13 @@ asio::awaitable<void> serve_bridge(state& st, tcp::socket socket) {
                                    {"peer", peer},
                                    {"instance", net::to_hex(session->peer_hello().instance)},
                                    {"certificate", subject}});
-    // A bridge that comes back with the same identity replaces its old session at once, so
-    // that no new stream is routed into a connection that may be dead without anyone knowing.
-    // The instance id alone is only a claim: the old session is replaced only when the new one
-    // also presents the same key, so that one bridge cannot evict another.
-    for (const auto& old : st.pool.sessions()) {
-        auto old_pin = st.session_pins.find(old->id());
-        if (old->peer_hello().instance == session->peer_hello().instance &&
-            old_pin != st.session_pins.end() && old_pin->second == pin) {
-            // GOAWAY, not a close: new streams go to the new session at once, and streams
-            // still running on the old one finish, or fail at its keepalive if it is dead.
-            log::info("bridge_replaced", {{"conn", old->id()}, {"by_conn", conn}});
-            old->goaway(errc::no_error, "replaced by a newer session of the same bridge");
-        }
-    }
+    // The newcomer joins the pool at once, so that new streams go to it while older sessions
+    // of the same bridge are checked (which takes up to a second) beside its run().
+    auto sessions = st.pool.sessions();
     st.session_pins[conn] = pin;
     st.pool.add(session);
+    net::spawn(st.io.get_executor(), replace_older_sessions(st, session, std::move(sessions), pin),
+               "replace_older_sessions");
     auto reason = co_await session->run();
     st.pool.remove(session);
     st.session_pins.erase(conn);

@@ -30,7 +30,9 @@ void bridge_pool::remove(const std::shared_ptr<mux::session>& s) {
 std::shared_ptr<mux::session> bridge_pool::pick() const {
     std::shared_ptr<mux::session> best;
     for (const auto& s : sessions_) {
-        if (s->can_open() && (!best || s->open_streams() < best->open_streams())) {
+        // On a tie the later session wins: a bridge that just connected is the likeliest to
+        // work, and an older one may be a dead connection that nobody noticed yet.
+        if (s->can_open() && (!best || s->open_streams() <= best->open_streams())) {
             best = s;
         }
     }

@@ -9,6 +9,7 @@
 #include "taser/admin/admin.hpp"
 #include "taser/config/cli.hpp"
 #include "taser/log/log.hpp"
+#include "taser/net/event.hpp"
 #include "taser/net/lifecycle.hpp"
 #include "taser/net/listen.hpp"
 #include "taser/net/spawn.hpp"
@@ -254,8 +255,19 @@ asio::awaitable<void> drain(state& st, tcp::acceptor& clients, tcp::acceptor& pa
         co_await tick.async_wait(asio::as_tuple(asio::use_awaitable));
     }
     log::info("drain_finished", {{"clients_left", st.clients.size()}});
+    // Connections still open at the deadline are cut, and given a moment to unwind, so that no
+    // coroutine is left to be destroyed after the state it uses.
+    for (auto& [id, entry] : st.clients) {
+        if (entry.close) {
+            entry.close();
+        }
+    }
     for (const auto& s : st.pool.sessions()) {
         s->close(make_error_code(errc::no_error));
+    }
+    auto unwind_deadline = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+    while (!st.clients.empty() && std::chrono::steady_clock::now() < unwind_deadline) {
+        co_await net::sleep(std::chrono::milliseconds(10));
     }
     st.io.stop();
 }
@@ -341,6 +353,12 @@ int run(const options& o) {
     });
 
     io.run();
+    // After a forced stop, sessions and streams still hold each other; closing the sessions
+    // breaks those cycles before the coroutines that own the rest are destroyed.
+    auto sessions = st.pool.sessions();
+    for (const auto& s : sessions) {
+        s->close(make_error_code(errc::cancel));
+    }
     log::info("broker_stopped", {});
     return 0;
 }

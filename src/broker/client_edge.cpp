@@ -482,6 +482,14 @@ asio::awaitable<bool> exchange(client<Stream>& c,
 
     frame::request_head head{std::string(req.method_string()), std::move(*target),
                              taser::http::end_to_end_fields(req, {"expect"})};
+    // The tunnel carries at most frame::max_fields fields in a head; more are rejected here,
+    // where the client can still be told why.
+    if (head.fields.size() > frame::max_fields) {
+        log::write_limited(
+            log::level::warn, "request_rejected",
+            {{"conn", c.conn}, {"peer", c.peer}, {"reason", "too many header fields"}});
+        co_return co_await c.fail(431, "too many request header fields", true);
+    }
 
     auto session = co_await st.pool.acquire(st.opt.bridge_wait);
     if (!session) {
@@ -489,8 +497,10 @@ asio::awaitable<bool> exchange(client<Stream>& c,
         log::write_limited(log::level::warn, "no_bridge",
                            {{"conn", c.conn}, {"wait_ms", st.opt.bridge_wait.count()}});
         // An unread body leaves the connection unusable for another request.
-        co_return co_await c.fail(503, "no bridge to the vault is connected; retry later",
-                                  has_body || !keep_alive, 1);
+        std::string_view why = st.pool.size() == 0
+                                   ? "no bridge to the vault is connected; retry later"
+                                   : "every bridge is at its stream limit or draining; retry later";
+        co_return co_await c.fail(503, why, has_body || !keep_alive, 1);
     }
     auto opened = session->open(head, !has_body);
     if (!opened) {

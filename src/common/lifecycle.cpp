@@ -3,6 +3,7 @@
 #include "taser/net/lifecycle.hpp"
 
 #include <csignal>
+#include <cstdlib>
 
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/use_awaitable.hpp>
@@ -33,8 +34,7 @@ asio::awaitable<std::optional<asio::ip::tcp::socket>> accept_next(asio::ip::tcp:
 signal_handlers::signal_handlers(asio::io_context& io, std::vector<tls::reloader*> reloaders,
                                  std::chrono::milliseconds drain_timeout,
                                  std::function<void()> start_drain)
-    : io_(io),
-      reloaders_(std::move(reloaders)),
+    : reloaders_(std::move(reloaders)),
       drain_timeout_(drain_timeout),
       start_drain_(std::move(start_drain)),
       hangup_(io, SIGHUP),
@@ -61,9 +61,10 @@ void signal_handlers::wait_stop() {
             return;
         }
         if (++stop_signals_ > 1) {
+            // At once means without unwinding: running requests are cut, and no destructor
+            // runs into state that the drain was still using.
             log::warn("shutdown_forced", {{"signal", number}});
-            io_.stop();
-            return;
+            std::_Exit(1);
         }
         log::info("drain_started",
                   {{"signal", number}, {"drain_timeout_ms", drain_timeout_.count()}});

@@ -246,6 +246,7 @@ session::session(std::unique_ptr<transport> t, const asio::any_io_executor& ex, 
       writer_wake_(ex),
       writer_done_(ex),
       keepalive_timer_(ex),
+      probe_answer_(ex),
       idle_(ex) {}
 
 session::~session() = default;
@@ -436,6 +437,30 @@ void session::goaway(errc code, std::string_view reason) {
     log::info("goaway_sent", {{"conn", conn_id_},
                               {"last_stream", last_stream_id_},
                               {"code", wire_code_name(static_cast<std::uint32_t>(code))}});
+}
+
+asio::awaitable<bool> session::probe(std::chrono::milliseconds timeout) {
+    auto self = shared_from_this();
+    if (closed_ || closing_) {
+        co_return false;
+    }
+    // The top bit keeps probe payloads apart from the keepalive's counter.
+    probe_payload_ = (std::uint64_t{1} << 63) | ++ping_counter_;
+    probe_answered_ = false;
+    std::array<std::uint8_t, 8> payload{};
+    for (int i = 0; i < 8; ++i) {
+        payload[static_cast<std::size_t>(i)] =
+            static_cast<std::uint8_t>(probe_payload_ >> (56 - 8 * i));
+    }
+    queue_control(frame::frame_type::ping, 0, 0, payload);
+    auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (!probe_answered_ && !closed_) {
+        if (co_await probe_answer_.wait_until(deadline)) {
+            break;
+        }
+    }
+    probe_payload_ = 0;
+    co_return probe_answered_;
 }
 
 asio::awaitable<void> session::wait_idle() {
@@ -741,6 +766,11 @@ error_code session::on_ping(const frame::frame_header& h, frame::bytes payload) 
         for (auto b : payload) {
             echoed = (echoed << 8) | b;
         }
+        if (probe_payload_ != 0 && echoed == probe_payload_) {
+            probe_answered_ = true;
+            probe_answer_.notify();
+            return {};
+        }
         if (ping_sent_ && echoed == ping_counter_) {
             rtt_ = std::chrono::duration_cast<std::chrono::microseconds>(
                 std::chrono::steady_clock::now() - *ping_sent_);
@@ -1000,9 +1030,10 @@ asio::awaitable<void> session::keepalive_loop() {
         }
         auto now = clock::now();
         if (ping_sent_ && now - *ping_sent_ >= options_.keepalive_timeout) {
-            log::warn("keepalive_timeout",
-                      {{"conn", conn_id_},
-                       {"timeout_ms", static_cast<std::int64_t>(options_.keepalive_timeout.count())}});
+            log::warn(
+                "keepalive_timeout",
+                {{"conn", conn_id_},
+                 {"timeout_ms", static_cast<std::int64_t>(options_.keepalive_timeout.count())}});
             close(make_error_code(errc::timeout));
             break;
         }

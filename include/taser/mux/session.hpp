@@ -187,6 +187,10 @@ public:
     // Waits until open_streams() is zero or the session closes.
     asio::awaitable<void> wait_idle();
 
+    // Sends a PING of its own and waits up to timeout for its ACK; returns whether the peer
+    // answered, that is, whether the connection still works.
+    asio::awaitable<bool> probe(std::chrono::milliseconds timeout);
+
 private:
     friend class stream;
 
@@ -254,6 +258,9 @@ private:
     std::uint64_t ping_counter_ = 0;
     std::optional<std::chrono::steady_clock::time_point> ping_sent_;
     std::optional<std::chrono::microseconds> rtt_;
+    std::uint64_t probe_payload_ = 0;  // payload of the outstanding probe PING, 0 when none
+    bool probe_answered_ = false;
+    net::event probe_answer_;
     std::chrono::steady_clock::time_point ping_window_start_{};
     std::uint32_t pings_in_window_ = 0;
 

@@ -13,10 +13,26 @@
 #include <boost/asio/write.hpp>
 #include <boost/system/error_code.hpp>
 
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+
 namespace taser::mux {
 
 namespace asio = boost::asio;
 using error_code = boost::system::error_code;
+
+// Unsent bytes that the kernel may hold for a tunnel socket. Beyond it, frames wait in the
+// session, where a RST_STREAM, PING or WINDOW_UPDATE can still go out ahead of bulk data
+// instead of queueing behind megabytes on a slow path.
+inline constexpr int tunnel_notsent_lowat_bytes = 256 * 1024;
+
+// Applies tunnel_notsent_lowat_bytes (TCP_NOTSENT_LOWAT) to a connected tunnel socket.
+template <class Socket>
+void limit_unsent(Socket& socket) {
+    using option = asio::detail::socket_option::integer<IPPROTO_TCP, TCP_NOTSENT_LOWAT>;
+    error_code ignored;
+    socket.set_option(option(tunnel_notsent_lowat_bytes), ignored);
+}
 
 // One read and one write may be in flight at once, as with an ssl::stream.
 class transport {

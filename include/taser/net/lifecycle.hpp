@@ -25,8 +25,8 @@ boost::asio::awaitable<std::optional<boost::asio::ip::tcp::socket>> accept_next(
     boost::asio::ip::tcp::acceptor& acceptor, std::string_view listener);
 
 // SIGHUP reloads every reloader's files at once. The first SIGTERM or SIGINT calls start_drain
-// (which spawns the drain); a second one stops the io_context at once. Lives until io.run()
-// returns.
+// (which spawns the drain); a second one ends the process at once with exit code 1. Lives
+// until io.run() returns.
 class signal_handlers {
 public:
     signal_handlers(boost::asio::io_context& io, std::vector<tls::reloader*> reloaders,
@@ -36,7 +36,6 @@ private:
     void wait_hangup();
     void wait_stop();
 
-    boost::asio::io_context& io_;
     std::vector<tls::reloader*> reloaders_;
     std::chrono::milliseconds drain_timeout_;
     std::function<void()> start_drain_;
