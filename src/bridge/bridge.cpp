@@ -171,10 +171,6 @@ po::options_description describe() {
     return desc;
 }
 
-std::string optional_string(const po::variables_map& vm, const char* name) {
-    return vm.count(name) ? vm[name].as<std::string>() : std::string();
-}
-
 options to_options(const po::variables_map& vm) {
     options o;
     auto str = [&](const char* name) { return vm[name].as<std::string>(); };
@@ -185,26 +181,18 @@ options to_options(const po::variables_map& vm) {
     for (const auto& a : vm["broker-address"].as<std::vector<std::string>>()) {
         o.brokers.push_back(config::parse_host_port("broker-address", a));
     }
-    o.server_name = optional_string(vm, "server-name");
-    o.client_cert = optional_string(vm, "client-cert");
-    o.client_key = optional_string(vm, "client-key");
-    o.ca_cert = optional_string(vm, "ca-cert");
+    o.server_name = config::optional_string(vm, "server-name");
+    o.client_cert = config::optional_string(vm, "client-cert");
+    o.client_key = config::optional_string(vm, "client-key");
+    o.ca_cert = config::optional_string(vm, "ca-cert");
     if (o.client_cert.empty() || o.client_key.empty() || o.ca_cert.empty()) {
         throw config::invalid_value(
             "the bridge needs --client-cert, --client-key and --ca-cert (mutual TLS)");
     }
-    if (vm.count("broker-pin")) {
-        o.broker_pins = vm["broker-pin"].as<std::vector<std::string>>();
-        for (const auto& pin : o.broker_pins) {
-            if (!tls::is_valid_pin(pin)) {
-                throw config::invalid_value("invalid value '" + pin +
-                                            "' for --broker-pin: expected sha256//BASE64");
-            }
-        }
-    }
+    o.broker_pins = config::parse_pins(vm, "broker-pin");
     o.tls_min = tls::parse_min_version("tls-min-version", str("tls-min-version"));
     o.vault = config::parse_url("vault-address", str("vault-address"));
-    o.vault_ca = optional_string(vm, "vault-ca");
+    o.vault_ca = config::optional_string(vm, "vault-ca");
     if (!o.vault_ca.empty() && o.vault.scheme != "https") {
         throw config::invalid_value("--vault-ca is only used with an https --vault-address");
     }
@@ -225,22 +213,9 @@ options to_options(const po::variables_map& vm) {
         throw config::invalid_value(
             "--reconnect-min must be above zero and at most --reconnect-max");
     }
-    auto payload = config::parse_size("max-frame-payload", str("max-frame-payload"));
-    if (payload < frame::min_max_frame_payload || payload > frame::max_length_field) {
-        throw config::invalid_value(
-            "invalid value for --max-frame-payload: expected a size from 16KiB to 16MiB-1");
-    }
-    o.settings.max_frame_payload = static_cast<std::uint32_t>(payload);
-    auto window = [&](const char* name) {
-        auto v = config::parse_size(name, str(name));
-        if (v == 0 || v > frame::max_window) {
-            throw config::invalid_value("invalid value for --" + std::string(name) +
-                                        ": expected a size from 1 to 2GiB-1");
-        }
-        return static_cast<std::uint32_t>(v);
-    };
-    o.settings.initial_stream_window = window("stream-window");
-    o.settings.initial_connection_window = window("connection-window");
+    o.settings.max_frame_payload = config::parse_frame_payload(vm);
+    o.settings.initial_stream_window = config::parse_window(vm, "stream-window");
+    o.settings.initial_connection_window = config::parse_window(vm, "connection-window");
     o.settings.max_concurrent_streams = static_cast<decltype(o.settings.max_concurrent_streams)>(
         config::parse_count("max-streams", str("max-streams"), 1, 1000000));
     auto header_block = config::parse_size("max-header-block", str("max-header-block"));

@@ -25,12 +25,6 @@ using asio::as_tuple;
 using asio::use_awaitable;
 using tls_stream = asio::ssl::stream<tcp::socket>;
 
-std::string format_peer(const tcp::endpoint& e) {
-    auto a = e.address().to_string();
-    return e.address().is_v6() ? "[" + a + "]:" + std::to_string(e.port())
-                               : a + ":" + std::to_string(e.port());
-}
-
 void reject(state& st, std::string_view peer, std::string_view reason, std::string_view detail) {
     ++st.stats.bridge_rejected_total;
     auto it = st.stats.bridge_rejected_by_reason.find(reason);
@@ -73,7 +67,7 @@ asio::awaitable<void> serve_bridge(state& st, tcp::socket socket) {
     error_code ignored;
     socket.set_option(tcp::no_delay(true), ignored);
     mux::limit_unsent(socket);
-    auto peer = format_peer(socket.remote_endpoint(ignored));
+    auto peer = net::format_endpoint(socket.remote_endpoint(ignored));
     auto conn = st.next_conn_id();
 
     auto tls_context = st.bridge_tls->current();  // the files in force at connect time
@@ -174,13 +168,13 @@ asio::awaitable<void> accept_bridges(state& st, tcp::acceptor& acceptor) {
         // Both caps are checked before any TLS work, so that a flood costs one accept each.
         if (st.handshakes_in_progress >= st.opt.max_handshakes) {
             error_code ignored;
-            reject(st, format_peer(socket.remote_endpoint(ignored)), "too many handshakes",
+            reject(st, net::format_endpoint(socket.remote_endpoint(ignored)), "too many handshakes",
                    "limit " + std::to_string(st.opt.max_handshakes));
             continue;
         }
         if (st.pool.size() >= st.opt.max_bridges) {
             error_code ignored;
-            reject(st, format_peer(socket.remote_endpoint(ignored)), "too many bridges",
+            reject(st, net::format_endpoint(socket.remote_endpoint(ignored)), "too many bridges",
                    "limit " + std::to_string(st.opt.max_bridges));
             continue;
         }

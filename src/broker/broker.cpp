@@ -97,18 +97,6 @@ po::options_description describe() {
     return desc;
 }
 
-std::string optional_string(const po::variables_map& vm, const char* name) {
-    return vm.count(name) ? vm[name].as<std::string>() : std::string();
-}
-
-std::uint32_t to_window(std::string_view option, std::uint64_t v) {
-    if (v == 0 || v > frame::max_window) {
-        throw config::invalid_value("invalid value for --" + std::string(option) +
-                                    ": expected a size from 1 to 2GiB-1");
-    }
-    return static_cast<std::uint32_t>(v);
-}
-
 options to_options(const po::variables_map& vm) {
     options o;
     auto str = [&](const char* name) { return vm[name].as<std::string>(); };
@@ -134,47 +122,34 @@ options to_options(const po::variables_map& vm) {
             o.connect_authorities.push_back(config::parse_host_port("allow-connect", a));
         }
     }
-    o.tls_cert = optional_string(vm, "tls-cert");
-    o.tls_key = optional_string(vm, "tls-key");
-    o.client_ca = optional_string(vm, "client-ca");
+    o.tls_cert = config::optional_string(vm, "tls-cert");
+    o.tls_key = config::optional_string(vm, "tls-key");
+    o.client_ca = config::optional_string(vm, "client-ca");
     o.plaintext = vm["plaintext"].as<bool>();
     bool needs_tls = o.edge == client_edge::http && !o.plaintext;
-    if (o.edge == client_edge::passthrough && (o.plaintext || !o.tls_cert.empty())) {
+    if (o.edge == client_edge::passthrough &&
+        (o.plaintext || !o.tls_cert.empty() || !o.tls_key.empty() || !o.client_ca.empty())) {
         throw config::invalid_value(
             "--client-edge passthrough never terminates TLS: drop "
-            "--plaintext, --tls-cert and --tls-key");
+            "--plaintext, --tls-cert, --tls-key and --client-ca");
     }
     if (needs_tls && (o.tls_cert.empty() || o.tls_key.empty())) {
         throw config::invalid_value(
             "the client port needs --tls-cert and --tls-key, or --plaintext for plain HTTP");
-    }
-    if (o.edge == client_edge::passthrough && (!o.tls_key.empty() || !o.client_ca.empty())) {
-        throw config::invalid_value(
-            "--client-edge passthrough never terminates TLS: drop "
-            "--tls-key and --client-ca");
     }
     if (o.plaintext && (!o.tls_cert.empty() || !o.tls_key.empty() || !o.client_ca.empty())) {
         throw config::invalid_value(
             "--plaintext cannot be combined with --tls-cert, --tls-key or --client-ca");
     }
     o.bridge_listen = config::parse_host_port("bridge-listen", str("bridge-listen"));
-    o.bridge_cert = optional_string(vm, "bridge-cert");
-    o.bridge_key = optional_string(vm, "bridge-key");
-    o.bridge_ca = optional_string(vm, "bridge-ca");
+    o.bridge_cert = config::optional_string(vm, "bridge-cert");
+    o.bridge_key = config::optional_string(vm, "bridge-key");
+    o.bridge_ca = config::optional_string(vm, "bridge-ca");
     if (o.bridge_cert.empty() || o.bridge_key.empty() || o.bridge_ca.empty()) {
         throw config::invalid_value(
             "the bridge port needs --bridge-cert, --bridge-key and --bridge-ca (mutual TLS)");
     }
-    if (vm.count("bridge-pin")) {
-        o.bridge_pins = vm["bridge-pin"].as<std::vector<std::string>>();
-        for (const auto& pin : o.bridge_pins) {
-            if (!tls::is_valid_pin(pin)) {
-                throw config::invalid_value("invalid value '" + pin +
-                                            "' for --bridge-pin: expected sha256//BASE64 "
-                                            "(44 characters of base64)");
-            }
-        }
-    }
+    o.bridge_pins = config::parse_pins(vm, "bridge-pin");
     o.tls_min = tls::parse_min_version("tls-min-version", str("tls-min-version"));
     o.bridge_wait = duration("bridge-wait");
     o.request_timeout = duration("request-timeout");
@@ -197,18 +172,11 @@ options to_options(const po::variables_map& vm) {
     o.max_bridges = config::parse_count("max-bridges", str("max-bridges"), 1, 100000);
     o.keepalive_interval = duration("keepalive-interval");
     o.keepalive_timeout = duration("keepalive-timeout");
-    auto payload = config::parse_size("max-frame-payload", str("max-frame-payload"));
-    if (payload < frame::min_max_frame_payload || payload > frame::max_length_field) {
-        throw config::invalid_value(
-            "invalid value for --max-frame-payload: expected a size from 16KiB to 16MiB-1");
-    }
-    o.settings.max_frame_payload = static_cast<std::uint32_t>(payload);
+    o.settings.max_frame_payload = config::parse_frame_payload(vm);
     o.settings.max_header_block =
         std::min(o.settings.max_frame_payload, static_cast<std::uint32_t>(o.max_header_bytes * 2));
-    o.settings.initial_stream_window =
-        to_window("stream-window", config::parse_size("stream-window", str("stream-window")));
-    o.settings.initial_connection_window = to_window(
-        "connection-window", config::parse_size("connection-window", str("connection-window")));
+    o.settings.initial_stream_window = config::parse_window(vm, "stream-window");
+    o.settings.initial_connection_window = config::parse_window(vm, "connection-window");
     o.instance_name = str("instance-id");
     o.replicas =
         static_cast<std::uint32_t>(config::parse_count("replicas", str("replicas"), 1, 1000));

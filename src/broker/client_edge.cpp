@@ -13,6 +13,7 @@
 #include "taser/mux/relay.hpp"
 #include "taser/net/deadlines.hpp"
 #include "taser/net/lifecycle.hpp"
+#include "taser/net/listen.hpp"
 #include "taser/net/spawn.hpp"
 
 #include "state.hpp"
@@ -638,11 +639,7 @@ asio::awaitable<void> serve_connection(client<Stream>& c) {
 asio::awaitable<void> serve_client(state& st, tcp::socket socket, std::uint64_t conn) {
     error_code ignored;
     socket.set_option(tcp::no_delay(true), ignored);
-    auto endpoint = socket.remote_endpoint(ignored);
-    std::string peer =
-        endpoint.address().is_v6()
-            ? "[" + endpoint.address().to_string() + "]:" + std::to_string(endpoint.port())
-            : endpoint.address().to_string() + ":" + std::to_string(endpoint.port());
+    auto peer = net::format_endpoint(socket.remote_endpoint(ignored));
     log::debug("client_connected", {{"conn", conn}, {"peer", peer}});
 
     if (!st.client_tls) {

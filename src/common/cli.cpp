@@ -8,6 +8,7 @@
 #include <iostream>
 
 #include "taser/config/parse.hpp"
+#include "taser/frame/frame.hpp"
 #include "taser/log/log.hpp"
 #include "taser/tls/context.hpp"
 
@@ -76,6 +77,42 @@ std::optional<po::variables_map> parse(int argc, char** argv, const po::options_
                             "' for --log-format: expected json or text");
     }
     return vm;
+}
+
+std::string optional_string(const po::variables_map& vm, const char* name) {
+    return vm.count(name) ? vm[name].as<std::string>() : std::string();
+}
+
+std::vector<std::string> parse_pins(const po::variables_map& vm, const char* name) {
+    if (!vm.count(name)) {
+        return {};
+    }
+    auto pins = vm[name].as<std::vector<std::string>>();
+    for (const auto& pin : pins) {
+        if (!tls::is_valid_pin(pin)) {
+            throw invalid_value("invalid value '" + pin + "' for --" + name +
+                                ": expected sha256//BASE64 (44 characters of base64)");
+        }
+    }
+    return pins;
+}
+
+std::uint32_t parse_window(const po::variables_map& vm, const char* name) {
+    auto v = parse_size(name, vm[name].as<std::string>());
+    if (v == 0 || v > frame::max_window) {
+        throw invalid_value("invalid value for --" + std::string(name) +
+                            ": expected a size from 1 to 2GiB-1");
+    }
+    return static_cast<std::uint32_t>(v);
+}
+
+std::uint32_t parse_frame_payload(const po::variables_map& vm) {
+    auto v = parse_size("max-frame-payload", vm["max-frame-payload"].as<std::string>());
+    if (v < frame::min_max_frame_payload || v > frame::max_length_field) {
+        throw invalid_value(
+            "invalid value for --max-frame-payload: expected a size from 16KiB to 16MiB-1");
+    }
+    return static_cast<std::uint32_t>(v);
 }
 
 int guarded_main(const char* role, int (*body)(int, char**), int argc, char** argv) {

@@ -39,12 +39,15 @@ void listen(tcp::acceptor& acceptor, const config::host_port& where) {
     acceptor.listen(tcp::socket::max_listen_connections);
 }
 
-std::string local_address(const tcp::acceptor& acceptor) {
-    boost::system::error_code ec;
-    auto e = acceptor.local_endpoint(ec);
+std::string format_endpoint(const tcp::endpoint& e) {
     auto a = e.address().to_string();
     return e.address().is_v6() ? "[" + a + "]:" + std::to_string(e.port())
                                : a + ":" + std::to_string(e.port());
+}
+
+std::string local_address(const tcp::acceptor& acceptor) {
+    boost::system::error_code ec;
+    return format_endpoint(acceptor.local_endpoint(ec));
 }
 
 frame::instance_id make_instance_id(const std::string& name) {

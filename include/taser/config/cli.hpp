@@ -3,9 +3,11 @@
 // (docs/configuration.md).
 #pragma once
 
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include <boost/program_options.hpp>
 
@@ -25,6 +27,18 @@ void add_common_options(po::options_description& desc);
 // invalid_value for bad input; applies --log-level and --log-format.
 std::optional<po::variables_map> parse(int argc, char** argv, const po::options_description& desc,
                                        std::string_view usage);
+
+// Returns the value of a string option without a default, or "" when it is not set.
+std::string optional_string(const po::variables_map& vm, const char* name);
+
+// Returns the key pins of a repeatable pin option, each checked to be sha256//BASE64.
+std::vector<std::string> parse_pins(const po::variables_map& vm, const char* name);
+
+// Returns a flow-control window size option, checked to lie from 1 to 2^31-1.
+std::uint32_t parse_window(const po::variables_map& vm, const char* name);
+
+// Returns --max-frame-payload, checked against the range of the frame format.
+std::uint32_t parse_frame_payload(const po::variables_map& vm);
 
 // Runs body, turning the errors of option parsing and file loading into one line on stderr
 // and usage_exit_code.

@@ -16,7 +16,10 @@ namespace taser::net {
 // boost::system::system_error with the address in the message when that fails.
 void listen(boost::asio::ip::tcp::acceptor& acceptor, const config::host_port& where);
 
-// Returns the address the acceptor is bound to, as "host:port" ("[v6]:port").
+// Returns an endpoint as "host:port", with an IPv6 address in brackets ("[v6]:port").
+std::string format_endpoint(const boost::asio::ip::tcp::endpoint& e);
+
+// Returns the address the acceptor is bound to, formatted by format_endpoint().
 std::string local_address(const boost::asio::ip::tcp::acceptor& acceptor);
 
 // Returns the wire instance id for a name: SHA-256 of the name, cut to 16 bytes; random bytes
