@@ -93,6 +93,9 @@ QUICK = Settings(
 )
 
 
+ROUTE_KEYS = ["direct", "ssh", "haproxy", "taser-http", "taser-https", "taser-passthrough"]
+
+
 @dataclass
 class Workload:
     """One row group of the table: what was measured, in which unit, and which way is better."""
@@ -135,8 +138,10 @@ class Figure:
 class Bench:
     """Runs the workloads of SETTINGS and collects one Figure per workload and route."""
 
-    def __init__(self, settings: Settings, taser_bin: Path, work_dir: Path) -> None:
+    def __init__(self, settings: Settings, taser_bin: Path, work_dir: Path,
+                 route_keys: list[str]) -> None:
         self.settings = settings
+        self.route_keys = route_keys
         self.taser_bin = taser_bin
         self.work_dir = work_dir
         self.certs = work_dir / "certs"
@@ -282,7 +287,7 @@ class Bench:
         count = self.settings.inflight_count
         backend = self.start_hold_backend()
         soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        for key in self.settings.inflight_routes:
+        for key in (k for k in self.settings.inflight_routes if k in self.route_keys):
             # haproxy uses two sockets per connection in one process, the other routes one.
             per_process = 2 * count if key == "haproxy" else count
             if soft_limit < per_process + SPARE_DESCRIPTORS:
@@ -355,8 +360,7 @@ class Bench:
         nginx = Nginx(self.work_dir)
         nginx.write_content()
         nginx.start()
-        keys = ["direct", "ssh", "haproxy", "taser-http", "taser-https", "taser-passthrough"]
-        routes = self.start_routes(keys, nginx.port)
+        routes = self.start_routes(self.route_keys, nginx.port)
         self.run_throughput(routes)
         self.run_latency(routes)
         self.run_large_body(routes)
@@ -570,6 +574,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output", type=Path,
                         default=REPO_ROOT / "bench" / "results" / "latest.json",
                         help="JSON file to write; the Markdown table goes next to it as .md")
+    parser.add_argument("--routes", type=lambda text: text.split(","),
+                        help="comma-separated routes to measure, of " + ", ".join(ROUTE_KEYS) +
+                        " (default: all)")
     parser.add_argument("--keep-work", action="store_true",
                         help="keep the temporary folder with logs and configs")
     return parser.parse_args()
@@ -592,7 +599,13 @@ def main() -> int:
     taser_copy = work_dir / "taser"
     shutil.copy2(args.taser, taser_copy)
     software = software_info(args.taser, taser_copy)
-    bench = Bench(settings, taser_copy, work_dir)
+    route_keys = args.routes or ROUTE_KEYS
+    unknown = [key for key in route_keys if key not in ROUTE_KEYS]
+    if unknown:
+        print(f"bench: unknown route {', '.join(unknown)}; routes are {', '.join(ROUTE_KEYS)}",
+              file=sys.stderr)
+        return 2
+    bench = Bench(settings, taser_copy, work_dir, route_keys)
     started_at = datetime.datetime.now(datetime.timezone.utc)
     load_before = load_average()
     print(f"bench: {settings.mode} run, work folder {work_dir}, load {load_before}",

@@ -15,9 +15,15 @@
 namespace taser::mux {
 namespace {
 
-// Frames are gathered into one write up to this size, so that many small frames cost one TLS
-// record sequence and one system call, while a PING never waits behind more than this.
+// The writer gathers frames up to this size per pass, so that many small frames cost one pass.
 constexpr std::size_t write_batch_bytes = 256 * 1024;
+// Largest DATA payload that we send, whatever the peer allows: one TLS record's worth.
+constexpr std::size_t data_frame_bytes = 16 * 1024;
+// A batch goes to the socket in pieces of whole frames of about this size. Control frames
+// queued meanwhile (RST_STREAM, PING, WINDOW_UPDATE) go out between two pieces, so on a slow
+// link they wait behind one piece and the kernel's tunnel_notsent_lowat_bytes, not behind
+// the rest of the batch: 256 KiB take 8 s at 256 kbit/s.
+constexpr std::size_t write_piece_bytes = frame::header_size + data_frame_bytes;
 constexpr std::size_t read_chunk_bytes = 64 * 1024;
 // Received DATA is kept in chunks of up to this size.
 constexpr std::size_t coalesce_bytes = 64 * 1024;
@@ -28,6 +34,12 @@ constexpr auto flush_timeout = std::chrono::seconds(1);
 
 std::uint32_t to_u32(std::int64_t v) {
     return static_cast<std::uint32_t>(v);
+}
+
+// Size of the whole frame that starts at out[at], read back from the header we encoded.
+std::size_t frame_size_at(const std::vector<std::uint8_t>& out, std::size_t at) {
+    return frame::header_size + ((std::size_t{out[at]} << 16) | (std::size_t{out[at + 1]} << 8) |
+                                 std::size_t{out[at + 2]});
 }
 
 }  // namespace
@@ -925,7 +937,8 @@ void session::return_stream_credit(stream& s) {
 }
 
 void session::fill_data() {
-    auto max_payload = std::int64_t{peer_hello_.settings.max_frame_payload};
+    auto max_payload = std::min<std::int64_t>(peer_hello_.settings.max_frame_payload,
+                                              std::int64_t{data_frame_bytes});
     while (!ready_.empty() && out_.size() < write_batch_bytes) {
         auto s = std::move(ready_.front());
         ready_.pop_front();
@@ -975,15 +988,47 @@ void session::fill_data() {
     }
 }
 
+void session::take_control(std::vector<std::uint8_t>& out) {
+    while (!control_.empty() && out.size() < write_batch_bytes) {
+        const auto& f = control_.front();
+        out.insert(out.end(), f.begin(), f.end());
+        control_.pop_front();
+    }
+}
+
+asio::awaitable<error_code> session::write_batch() {
+    std::size_t done = 0;
+    while (done < out_.size()) {
+        auto end = done + frame_size_at(out_, done);
+        while (end < out_.size() && end + frame_size_at(out_, end) - done <= write_piece_bytes) {
+            end += frame_size_at(out_, end);
+        }
+        auto [ec, n] = co_await transport_->write_all(asio::buffer(out_.data() + done, end - done));
+        bytes_sent_ += n;
+        if (ec) {
+            co_return ec;
+        }
+        done = end;
+        if (done < out_.size() && !control_.empty() && !closed_) {
+            // Frames that reach the peer after a RST_STREAM of their stream are dropped there
+            // (docs/protocol.md §6.2), so a reset may overtake its stream's DATA.
+            control_out_.clear();
+            take_control(control_out_);
+            auto [cec, cn] = co_await transport_->write_all(asio::buffer(control_out_));
+            bytes_sent_ += cn;
+            if (cec) {
+                co_return cec;
+            }
+        }
+    }
+    co_return error_code{};
+}
+
 asio::awaitable<void> session::write_loop() {
     auto self = shared_from_this();
     while (!closed_) {
         out_.clear();
-        while (!control_.empty() && out_.size() < write_batch_bytes) {
-            const auto& f = control_.front();
-            out_.insert(out_.end(), f.begin(), f.end());
-            control_.pop_front();
-        }
+        take_control(out_);
         // Data goes only after every queued control frame, so that a stream's HEADERS always
         // precede its DATA.
         if (!closing_ && control_.empty()) {
@@ -1000,9 +1045,7 @@ asio::awaitable<void> session::write_loop() {
             co_await writer_wake_.wait();
             continue;
         }
-        auto [ec, n] = co_await transport_->write_all(asio::buffer(out_));
-        bytes_sent_ += n;
-        if (ec) {
+        if (auto ec = co_await write_batch()) {
             log::debug("write_failed", {{"conn", conn_id_}, {"error", ec.message()}});
             close(ec);
             break;

@@ -7,6 +7,7 @@ relay and raw vault listens on 127.0.0.1.
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime
 import socket
 import threading
 import time
@@ -14,6 +15,8 @@ import time
 import pytest
 
 from field_helpers import (
+    RELAY_BUFFER_BYTES,
+    RELAY_CHUNK_BYTES,
     LinkRelay,
     Reply,
     admin_get,
@@ -45,9 +48,15 @@ BRIDGE_REQUEST_TIMEOUT_S = 4
 UNCONGESTED_IDLE_BOUND_S = 15
 # A bridge deadline that never fires during the reset test.
 RESET_ONLY_BRIDGE_TIMEOUT_S = 60
-# Time for a reset to cross the congested link once the broker sent it: a few frames at
-# 256 kbit/s, plus the relay's 64 KiB of buffers.
-RESET_DELIVERY_BOUND_S = 3
+# What a reset may wait behind on its way from the broker to the bridge: one piece of the
+# broker's write batch (16 KiB), the broker kernel's unsent bytes (TCP_NOTSENT_LOWAT of 16 KiB
+# plus one 16 KiB TLS record), and the relay's receive buffer (the kernel doubles the 32 KiB
+# asked for) and chunk. Before pieces and the low mark, a whole 256 KiB batch and 256 KiB of
+# unsent bytes came first: more than 15 s at this rate.
+RESET_QUEUE_BYTES = 16 * 1024 + 32 * 1024 + 2 * RELAY_BUFFER_BYTES + RELAY_CHUNK_BYTES
+# Time from the broker's timeout to the bridge's receipt of the reset, with 1 s of slack for
+# a busy machine.
+RESET_DELIVERY_BOUND_S = RESET_QUEUE_BYTES / CONGESTED_RATE_BYTES_PER_S + 1
 
 
 def start_congestible_path(
@@ -126,15 +135,6 @@ def test_congested_link_write_timeout_resets_streams(harness):
     assert bridge_disconnects == []
 
 
-# NOTE: the cause named in the reason is the likely one, from the broker's code and the
-# kernel's default tcp_wmem. The times come from one run on a shared 2-core machine.
-@pytest.mark.xfail(
-    reason="a reset waits behind the write batch (up to 256 KiB) that the broker's session is "
-    "writing to the congested socket, plus the kernel's unsent bytes (capped at 256 KiB with "
-    "TCP_NOTSENT_LOWAT): at 256 kbit/s that is many seconds, so the bridge still holds the "
-    "half-sent vault request when this test looks",
-    strict=True,
-)
 def test_reset_reaches_bridge_while_congested(harness):
     with LinkRelay([]) as relay:
         standin, broker, bridge = start_congestible_path(
@@ -153,17 +153,27 @@ def test_reset_reaches_bridge_while_congested(harness):
         )
         # Still congested. The bridge's own deadline is far away, so only the broker's reset
         # can end the vault request.
-        vault_side = wait_for_idle_vault_side(bridge, standin.port, RESET_DELIVERY_BOUND_S)
+        reset = bridge.wait_for_event(
+            "stream_reset_by_peer", RESET_DELIVERY_BOUND_S + 5, offset=bridge_offset
+        )
+        vault_side = wait_for_idle_vault_side(bridge, standin.port, UNCONGESTED_IDLE_BOUND_S)
         relay.rate_bytes_per_s = None
         wait_for_idle_vault_side(bridge, standin.port, UNCONGESTED_IDLE_BOUND_S)
 
     timed_out = broker.find_events("request_timeout", broker_offset)
-    resets = bridge.find_events("stream_reset_by_peer", bridge_offset)
-    print(
-        f"reset under congestion: 504 at {timed_out}, resets at the bridge {resets}, {vault_side}"
-    )
     assert reply.status == 504, reply
+    assert len(timed_out) == 1, timed_out
+    delay = log_time(reset) - log_time(timed_out[0])
+    print(f"reset under congestion: at the bridge {delay:.2f} s after the timeout, {vault_side}")
+    assert reset["code"] == "timeout", reset
+    assert delay < RESET_DELIVERY_BOUND_S, (delay, RESET_DELIVERY_BOUND_S)
+    # The reset ended the vault request while the link was still congested.
     assert vault_side["idle_after_s"] is not None, vault_side
+
+
+def log_time(event: dict) -> float:
+    """Return the time of a log event in seconds since the epoch."""
+    return datetime.fromisoformat(event["time"].replace("Z", "+00:00")).timestamp()
 
 
 def run_uploads(port: int) -> list[Reply]:

@@ -199,6 +199,10 @@ private:
     asio::awaitable<void> keepalive_loop();
     // Appends DATA frames of ready streams to out_, one frame per stream per round.
     void fill_data();
+    // Moves queued control frames to out, up to one batch.
+    void take_control(std::vector<std::uint8_t>& out);
+    // Writes out_, letting control frames queued meanwhile go ahead of what is left of it.
+    asio::awaitable<error_code> write_batch();
 
     // Reads until buffer_ holds at least n bytes.
     asio::awaitable<error_code> fill(std::size_t n);
@@ -249,6 +253,7 @@ private:
     std::size_t send_space_waiters_ = 0;
     net::event send_space_;
     std::vector<std::uint8_t> out_;
+    std::vector<std::uint8_t> control_out_;  // control frames written in the middle of out_
     net::event writer_wake_;
     net::event writer_done_;
     bool writer_running_ = false;
