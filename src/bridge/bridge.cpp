@@ -23,6 +23,7 @@
 #include "taser/net/listen.hpp"
 #include "taser/net/spawn.hpp"
 #include "taser/tls/reloader.hpp"
+#include "taser/tls/tunnel_stream.hpp"
 #include "taser/version.hpp"
 
 #include "vault_client.hpp"
@@ -34,7 +35,7 @@ namespace po = boost::program_options;
 using tcp = asio::ip::tcp;
 using asio::as_tuple;
 using asio::use_awaitable;
-using tls_stream = asio::ssl::stream<tcp::socket>;
+using tls_stream = tls::tunnel_stream;
 
 constexpr std::string_view usage =
     "Usage: taser bridge --broker-address HOST:PORT [options]\n\n"
@@ -323,8 +324,7 @@ asio::awaitable<std::shared_ptr<mux::session>> establish(bridge_state& st,
     auto name = st.opt.server_name.empty() ? broker.host : st.opt.server_name;
     tls::prepare_client_stream(stream->native_handle(), name);
     timers->arm(net::deadlines::read, st.opt.handshake_timeout);
-    auto [hec] =
-        co_await stream->async_handshake(asio::ssl::stream_base::client, as_tuple(use_awaitable));
+    auto hec = co_await stream->handshake(tls_stream::side::client);
     timers->disarm(net::deadlines::read);
     timers->stop();
     if (hec) {
@@ -360,9 +360,8 @@ asio::awaitable<std::shared_ptr<mux::session>> establish(bridge_state& st,
     so.hello_timeout = st.opt.handshake_timeout;
     so.keepalive_interval = st.opt.keepalive_interval;
     so.keepalive_timeout = st.opt.keepalive_timeout;
-    auto transport = std::make_unique<mux::stream_transport<tls_stream>>(std::move(*stream));
     auto session =
-        std::make_shared<mux::session>(std::move(transport), st.io.get_executor(), so, conn);
+        std::make_shared<mux::session>(std::move(stream), st.io.get_executor(), so, conn);
     if (auto sec = co_await session->handshake()) {
         fail("tunnel", sec.message());
         co_return nullptr;

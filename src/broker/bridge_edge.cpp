@@ -14,6 +14,7 @@
 #include "taser/net/lifecycle.hpp"
 #include "taser/net/listen.hpp"
 #include "taser/net/spawn.hpp"
+#include "taser/tls/tunnel_stream.hpp"
 
 #include "state.hpp"
 
@@ -23,7 +24,7 @@ namespace {
 using tcp = asio::ip::tcp;
 using asio::as_tuple;
 using asio::use_awaitable;
-using tls_stream = asio::ssl::stream<tcp::socket>;
+using tls_stream = tls::tunnel_stream;
 
 void reject(state& st, std::string_view peer, std::string_view reason, std::string_view detail) {
     ++st.stats.bridge_rejected_total;
@@ -80,8 +81,7 @@ asio::awaitable<void> serve_bridge(state& st, tcp::socket socket) {
     timers->start();
     timers->arm(net::deadlines::read, st.opt.handshake_timeout);
     ++st.handshakes_in_progress;
-    auto [ec] =
-        co_await stream->async_handshake(asio::ssl::stream_base::server, as_tuple(use_awaitable));
+    auto ec = co_await stream->handshake(tls_stream::side::server);
     --st.handshakes_in_progress;
     timers->disarm(net::deadlines::read);
     if (ec) {
@@ -120,9 +120,8 @@ asio::awaitable<void> serve_bridge(state& st, tcp::socket socket) {
     so.hello_timeout = st.opt.handshake_timeout;
     so.keepalive_interval = st.opt.keepalive_interval;
     so.keepalive_timeout = st.opt.keepalive_timeout;
-    auto transport = std::make_unique<mux::stream_transport<tls_stream>>(std::move(*stream));
     auto session =
-        std::make_shared<mux::session>(std::move(transport), st.io.get_executor(), so, conn);
+        std::make_shared<mux::session>(std::move(stream), st.io.get_executor(), so, conn);
 
     if (auto hec = co_await session->handshake()) {
         reject(st, peer, "tunnel handshake failed", hec.message());

@@ -126,8 +126,7 @@ asio::awaitable<frame::result<frame::response_head>> stream::read_response_head(
 
 std::pair<stream::poll_result, std::vector<std::uint8_t>> stream::try_read() {
     if (!inbox_.empty()) {
-        auto chunk = std::move(inbox_.front());
-        inbox_.pop_front();
+        auto chunk = inbox_.pop_front();
         inbox_bytes_ -= chunk.size();
         session_->buffered_bytes_ -= chunk.size();
         recv_unreturned_ += static_cast<std::uint32_t>(chunk.size());
@@ -693,7 +692,11 @@ error_code session::on_data(const frame::frame_header& h, frame::bytes payload) 
             auto& back = s->inbox_.back();
             back.insert(back.end(), payload.begin(), payload.end());
         } else {
-            s->inbox_.emplace_back(payload.begin(), payload.end());
+            auto& chunk = s->inbox_.emplace_back();
+            // A full-size frame is likely part of a large body: room for the frames after it
+            // saves copying the chunk as it grows.
+            chunk.reserve(h.length >= data_frame_bytes ? coalesce_bytes : h.length);
+            chunk.assign(payload.begin(), payload.end());
         }
         s->inbox_bytes_ += h.length;
         buffered_bytes_ += h.length;
@@ -998,6 +1001,10 @@ void session::take_control(std::vector<std::uint8_t>& out) {
 
 asio::awaitable<error_code> session::write_batch() {
     std::size_t done = 0;
+    bool corked = out_.size() > write_piece_bytes;
+    if (corked) {
+        transport_->cork(true);
+    }
     while (done < out_.size()) {
         auto end = done + frame_size_at(out_, done);
         while (end < out_.size() && end + frame_size_at(out_, end) - done <= write_piece_bytes) {
@@ -1020,6 +1027,9 @@ asio::awaitable<error_code> session::write_batch() {
                 co_return cec;
             }
         }
+    }
+    if (corked) {
+        transport_->cork(false);
     }
     co_return error_code{};
 }

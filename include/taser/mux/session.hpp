@@ -48,6 +48,38 @@ struct session_options {
 
 class session;
 
+// Received DATA chunks in arrival order: a vector and a read position. An empty queue allocates
+// nothing, where a std::deque allocates about 600 bytes, which thousands of streams would pay.
+class chunk_queue {
+public:
+    using chunk = std::vector<std::uint8_t>;
+
+    bool empty() const noexcept { return head_ == chunks_.size(); }
+    chunk& back() { return chunks_.back(); }
+    chunk& emplace_back() { return chunks_.emplace_back(); }
+
+    chunk pop_front() {
+        auto front = std::move(chunks_[head_++]);
+        if (head_ == chunks_.size()) {
+            clear();
+        } else if (head_ >= 16 && head_ * 2 >= chunks_.size()) {
+            // A reader that never quite catches up would otherwise grow the vector forever.
+            chunks_.erase(chunks_.begin(), chunks_.begin() + static_cast<std::ptrdiff_t>(head_));
+            head_ = 0;
+        }
+        return front;
+    }
+
+    void clear() noexcept {
+        chunks_.clear();
+        head_ = 0;
+    }
+
+private:
+    std::vector<chunk> chunks_;
+    std::size_t head_ = 0;
+};
+
 // One stream: an HTTP exchange or an opaque byte tunnel. Its owner (the edge handler) reads and
 // writes through it; the session's loops deliver frames to it. All on one thread.
 class stream : public std::enable_shared_from_this<stream> {
@@ -124,7 +156,7 @@ private:
 
     // Receiving.
     std::optional<frame::response_head> response_;
-    std::deque<std::vector<std::uint8_t>> inbox_;
+    chunk_queue inbox_;
     std::size_t inbox_bytes_ = 0;
     std::int64_t recv_window_;
     std::uint32_t recv_unreturned_ = 0;

@@ -36,6 +36,22 @@ void limit_unsent(Socket& socket) {
     socket.set_option(option(tunnel_notsent_lowat_bytes), ignored);
 }
 
+// While corked, the kernel sends only full segments of a TCP socket; uncorking sends the rest.
+template <class Socket>
+void set_cork(Socket& socket, bool on) {
+    using option = asio::detail::socket_option::integer<IPPROTO_TCP, TCP_CORK>;
+    error_code ignored;
+    socket.set_option(option(on ? 1 : 0), ignored);
+}
+
+// Closes a socket at once; its pending operations complete with an error.
+template <class Socket>
+void close_now(Socket& socket) {
+    error_code ignored;
+    socket.shutdown(asio::socket_base::shutdown_both, ignored);
+    socket.close(ignored);
+}
+
 // One read and one write may be in flight at once, as with an ssl::stream.
 class transport {
 public:
@@ -48,6 +64,8 @@ public:
     virtual void close() noexcept = 0;
     // Shuts down the sending direction of the TCP connection; reading goes on.
     virtual void shutdown_send() noexcept = 0;
+    // While corked, the kernel sends only full segments; uncorking sends what is left.
+    virtual void cork(bool on) noexcept = 0;
 };
 
 template <class AsyncStream>
@@ -64,16 +82,14 @@ public:
         co_return co_await asio::async_write(stream_, b, asio::as_tuple(asio::use_awaitable));
     }
 
-    void close() noexcept override {
-        error_code ignored;
-        stream_.lowest_layer().shutdown(asio::socket_base::shutdown_both, ignored);
-        stream_.lowest_layer().close(ignored);
-    }
+    void close() noexcept override { close_now(stream_.lowest_layer()); }
 
     void shutdown_send() noexcept override {
         error_code ignored;
         stream_.lowest_layer().shutdown(asio::socket_base::shutdown_send, ignored);
     }
+
+    void cork(bool on) noexcept override { set_cork(stream_.lowest_layer(), on); }
 
     AsyncStream& stream() { return stream_; }
 
