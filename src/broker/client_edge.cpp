@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <charconv>
 #include <optional>
+#include <utility>
 
 #include <boost/beast/http.hpp>
 #include <boost/beast/ssl.hpp>
@@ -31,6 +32,9 @@ using net::deadlines;
 constexpr std::size_t body_chunk_bytes = 64 * 1024;
 // Response data already received is gathered into one write up to this size.
 constexpr std::size_t coalesce_bytes = 256 * 1024;
+// Body chunks from this size on are written from where the stream delivered them; smaller ones
+// are copied next to the HTTP text, so that a small response is one buffer (one TLS record).
+constexpr std::size_t reference_from_bytes = 8 * 1024;
 constexpr std::string_view continue_100 = "HTTP/1.1 100 Continue\r\n\r\n";
 
 // The read buffer holds a whole header block, plus room to read ahead into the body.
@@ -53,6 +57,61 @@ std::optional<std::uint64_t> parse_content_length(std::string_view v) {
     }
     return n;
 }
+
+// What one write to the client carries: HTTP text (a response head, chunk framing, small
+// bodies) and large body chunks as the stream delivered them, which are not copied again.
+class response_batch {
+public:
+    void append_text(std::string_view text) {
+        if (segments_.empty() || segments_.back().chunk) {
+            segments_.push_back({false, text_.size(), 0});
+        }
+        segments_.back().size += text.size();
+        text_.append(text);
+        bytes_ += text.size();
+    }
+
+    void append_body(std::vector<std::uint8_t> chunk) {
+        if (chunk.size() < reference_from_bytes) {
+            append_text({reinterpret_cast<const char*>(chunk.data()), chunk.size()});
+            return;
+        }
+        segments_.push_back({true, chunks_.size(), chunk.size()});
+        bytes_ += chunk.size();
+        chunks_.push_back(std::move(chunk));
+    }
+
+    std::size_t size() const noexcept { return bytes_; }
+
+    // The buffers to write; valid until the next change.
+    const std::vector<asio::const_buffer>& buffers() {
+        buffers_.clear();
+        for (const auto& seg : segments_) {
+            buffers_.push_back(seg.chunk ? asio::buffer(chunks_[seg.at])
+                                         : asio::buffer(text_.data() + seg.at, seg.size));
+        }
+        return buffers_;
+    }
+
+    void clear() {
+        text_.clear();
+        chunks_.clear();
+        segments_.clear();
+        bytes_ = 0;
+    }
+
+private:
+    struct segment {
+        bool chunk;  // chunks_[at], else text_ from offset at
+        std::size_t at;
+        std::size_t size;
+    };
+    std::string text_;
+    std::vector<std::vector<std::uint8_t>> chunks_;
+    std::vector<segment> segments_;
+    std::vector<asio::const_buffer> buffers_;
+    std::size_t bytes_ = 0;
+};
 
 // One client connection: its socket, its deadlines and what it has counted.
 template <class Stream>
@@ -78,7 +137,10 @@ struct client {
                 co_return std::tuple{make_error_code(asio::error::not_found), std::size_t{0}};
             }
             searched = have.size() < 3 ? 0 : have.size() - 3;
-            auto room = std::min<std::size_t>(max_bytes - have.size() + 4, 16 * 1024);
+            // A first read of a few KiB takes a typical request head whole, so that thousands
+            // of waiting connections hold little; the buffer grows when more comes.
+            auto room = std::min<std::size_t>(max_bytes - have.size() + 4,
+                                              std::max<std::size_t>(have.size(), 2048));
             auto [ec, got] =
                 co_await stream.async_read_some(buffer.prepare(room), as_tuple(use_awaitable));
             if (ec) {
@@ -89,7 +151,8 @@ struct client {
         }
     }
 
-    asio::awaitable<error_code> write(asio::const_buffer b) {
+    template <class ConstBuffers>
+    asio::awaitable<error_code> write(const ConstBuffers& b) {
         timers->arm(deadlines::write, st.opt.idle_timeout);
         auto [ec, n] = co_await asio::async_write(stream, b, as_tuple(use_awaitable));
         timers->disarm(deadlines::write);
@@ -234,18 +297,20 @@ asio::awaitable<response_outcome> download(client<Stream>& c, std::shared_ptr<mu
         keep_alive = false;
     }
 
-    std::string text;
-    text.reserve(512);
-    taser::http::append_status_line(text, status);
-    taser::http::append_fields(text, fields);
+    std::string head_text;
+    head_text.reserve(512);
+    taser::http::append_status_line(head_text, status);
+    taser::http::append_fields(head_text, fields);
     if (chunked) {
-        text += "Transfer-Encoding: chunked\r\n";
+        head_text += "Transfer-Encoding: chunked\r\n";
     }
     if (!keep_alive) {
-        text += "Connection: close\r\n";
+        head_text += "Connection: close\r\n";
     }
-    text += "\r\n";
+    head_text += "\r\n";
     c.count(status);
+    response_batch batch;
+    batch.append_text(head_text);
 
     std::uint64_t sent = 0;
     bool ended = no_body;
@@ -257,7 +322,7 @@ asio::awaitable<response_outcome> download(client<Stream>& c, std::shared_ptr<mu
     }
     for (;;) {
         // Gather what has arrived without waiting, then write it in one go.
-        while (!ended && text.size() < coalesce_bytes) {
+        while (!ended && batch.size() < coalesce_bytes) {
             auto [status_now, chunk] = s->try_read();
             if (status_now == mux::stream::poll_result::empty) {
                 break;
@@ -266,7 +331,7 @@ asio::awaitable<response_outcome> download(client<Stream>& c, std::shared_ptr<mu
                 log::debug(
                     "response_body_failed",
                     {{"conn", c.conn}, {"stream", s->id()}, {"error", s->error().message()}});
-                co_await c.write(asio::buffer(text));
+                co_await c.write(batch.buffers());
                 co_return out;  // the client sees a message cut short, never a short one
             }
             if (status_now == mux::stream::poll_result::end) {
@@ -276,11 +341,11 @@ asio::awaitable<response_outcome> download(client<Stream>& c, std::shared_ptr<mu
                                                      {"stream", s->id()},
                                                      {"expected", *length},
                                                      {"received", sent}});
-                    co_await c.write(asio::buffer(text));
+                    co_await c.write(batch.buffers());
                     co_return out;
                 }
                 if (chunked) {
-                    text += "0\r\n\r\n";
+                    batch.append_text("0\r\n\r\n");
                 }
                 break;
             }
@@ -289,28 +354,29 @@ asio::awaitable<response_outcome> download(client<Stream>& c, std::shared_ptr<mu
                 log::warn("response_too_long",
                           {{"conn", c.conn}, {"stream", s->id()}, {"expected", *length}});
                 s->reset(errc::protocol_error);
-                co_await c.write(asio::buffer(text));
+                co_await c.write(batch.buffers());
                 co_return out;
             }
             if (chunked) {
                 char size_line[24];
                 auto [end, ec] = std::to_chars(size_line, size_line + 16, chunk.size(), 16);
                 (void)ec;
-                text.append(size_line, end);
-                text += "\r\n";
-                text.append(chunk.begin(), chunk.end());
-                text += "\r\n";
+                *end++ = '\r';
+                *end++ = '\n';
+                batch.append_text({size_line, end});
+                batch.append_body(std::move(chunk));
+                batch.append_text("\r\n");
             } else {
-                text.append(chunk.begin(), chunk.end());
+                batch.append_body(std::move(chunk));
             }
         }
-        if (!text.empty()) {
-            if (auto ec = co_await c.write(asio::buffer(text))) {
+        if (batch.size() > 0) {
+            if (auto ec = co_await c.write(batch.buffers())) {
                 log::debug("client_write_failed", {{"conn", c.conn}, {"error", ec.message()}});
                 s->reset(errc::cancel);
                 co_return out;
             }
-            text.clear();
+            batch.clear();
         }
         if (ended) {
             break;
@@ -504,6 +570,8 @@ asio::awaitable<bool> exchange(client<Stream>& c,
         co_return co_await c.fail(503, why, has_body || !keep_alive, 1);
     }
     auto opened = session->open(head, !has_body);
+    // The fields went into the stream's HEADERS frame; only the target is logged at the end.
+    std::exchange(head.fields, {});
     if (!opened) {
         if (opened.error() == errc::frame_size_error) {
             co_return co_await c.fail(431, "request header fields too large for the tunnel", true);
@@ -619,6 +687,11 @@ asio::awaitable<bool> serve_one(client<Stream>& c, bool first) {
         co_return false;
     }
     c.buffer.consume(used);
+    if (c.buffer.size() == 0) {
+        // Nothing read ahead: the buffer is not needed while the request is served, and
+        // thousands of requests in flight would each hold one.
+        c.buffer.shrink_to_fit();
+    }
     c.st.clients[c.conn].busy = true;
     co_return co_await exchange(c, parser);
 }

@@ -6,6 +6,7 @@
 
 #include <array>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include <boost/asio/as_tuple.hpp>
@@ -71,12 +72,24 @@ asio::awaitable<relay_counts> relay(Socket& socket, std::shared_ptr<stream> s,
                     co_return;
                 }
             }
-            // The buffer starts small, so that thousands of quiet tunnels cost little, and grows
-            // up to chunk_bytes while reads keep filling it.
+            // The buffer starts small and grows up to chunk_bytes while reads keep filling it.
+            // A read that drains the socket frees it, where the socket allows waiting without
+            // one, so that thousands of quiet tunnels cost little.
+            // A TLS stream may hold decrypted bytes that its socket no longer shows, so only a
+            // plain socket can be waited on without a read.
+            constexpr bool waits_unbuffered = std::is_same_v<Socket, asio::ip::tcp::socket>;
             std::size_t size = 4096;
-            auto chunk = std::make_unique_for_overwrite<std::uint8_t[]>(size);
+            std::unique_ptr<std::uint8_t[]> chunk;
             for (;;) {
                 timers.arm(net::deadlines::read, idle);
+                if (!chunk) {
+                    if constexpr (waits_unbuffered) {
+                        // A failed wait leaves the failure to the read below.
+                        co_await socket.async_wait(asio::ip::tcp::socket::wait_read,
+                                                   asio::as_tuple(asio::use_awaitable));
+                    }
+                    chunk = std::make_unique_for_overwrite<std::uint8_t[]>(size);
+                }
                 auto [ec, n] = co_await socket.async_read_some(asio::buffer(chunk.get(), size),
                                                                asio::as_tuple(asio::use_awaitable));
                 timers.disarm(net::deadlines::read);
@@ -94,7 +107,9 @@ asio::awaitable<relay_counts> relay(Socket& socket, std::shared_ptr<stream> s,
                 }
                 if (n == size && size < chunk_bytes) {
                     size *= 2;
-                    chunk = std::make_unique_for_overwrite<std::uint8_t[]>(size);
+                    chunk.reset();
+                } else if (waits_unbuffered && n < size) {
+                    chunk.reset();
                 }
             }
             up_running = false;
