@@ -4,6 +4,7 @@
 
 #include <charconv>
 #include <optional>
+#include <type_traits>
 
 #include <boost/asio/connect.hpp>
 #include <boost/asio/ssl.hpp>
@@ -213,6 +214,14 @@ asio::awaitable<exchange_result> exchange(Stream& sock, vault_connection& vc,
         parser->body_limit(boost::none);
         parser->skip(head_request);
         timers->arm(deadlines::read, opt.request_timeout);
+        if constexpr (std::is_same_v<Stream, tcp::socket>) {
+            if (vc.buffer.size() == 0) {
+                // The response is not there yet: a read now would only find the socket empty.
+                // A TLS stream may hold decrypted bytes, so it reads at once. A failed wait
+                // leaves the failure to the read.
+                co_await sock.async_wait(tcp::socket::wait_read, as_tuple(use_awaitable));
+            }
+        }
         auto [rec, n] =
             co_await bhttp::async_read_header(sock, vc.buffer, *parser, as_tuple(use_awaitable));
         timers->disarm(deadlines::read);
@@ -249,11 +258,24 @@ asio::awaitable<exchange_result> exchange(Stream& sock, vault_connection& vc,
             while (!parser->is_done()) {
                 parser->get().body().data = chunk.get();
                 parser->get().body().size = body_chunk_bytes;
-                timers->arm(deadlines::read, opt.request_timeout);
-                // read_some hands over what arrived, so a slow stream's pieces flow as sent.
-                auto [rec, n] = co_await bhttp::async_read_some(sock, vc.buffer, *parser,
-                                                                as_tuple(use_awaitable));
-                timers->disarm(deadlines::read);
+                // Body bytes that arrived with the head are parsed at once: the wait of a read
+                // would let the session send the head alone, and the broker write it alone.
+                std::size_t parsed = 0;
+                error_code rec;
+                if (vc.buffer.size() > 0) {
+                    parsed = parser->put(vc.buffer.data(), rec);
+                    vc.buffer.consume(parsed);
+                    if (rec == bhttp::error::need_more) {
+                        rec = {};
+                    }
+                }
+                if (parsed == 0 && !rec) {
+                    timers->arm(deadlines::read, opt.request_timeout);
+                    // read_some hands over what arrived, so a slow stream's pieces flow as sent.
+                    std::tie(rec, std::ignore) = co_await bhttp::async_read_some(
+                        sock, vc.buffer, *parser, as_tuple(use_awaitable));
+                    timers->disarm(deadlines::read);
+                }
                 if (rec == bhttp::error::need_buffer) {
                     rec = {};
                 }

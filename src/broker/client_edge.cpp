@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <charconv>
 #include <optional>
+#include <type_traits>
 #include <utility>
 
 #include <boost/beast/http.hpp>
@@ -135,6 +136,13 @@ struct client {
             }
             if (have.size() >= max_bytes) {
                 co_return std::tuple{make_error_code(asio::error::not_found), std::size_t{0}};
+            }
+            if constexpr (std::is_same_v<Stream, tcp::socket>) {
+                if (have.empty()) {
+                    // Between two requests the socket is usually empty, and a read would only
+                    // find that out. A TLS stream may hold decrypted bytes, so it reads at once.
+                    co_await stream.async_wait(tcp::socket::wait_read, as_tuple(use_awaitable));
+                }
             }
             searched = have.size() < 3 ? 0 : have.size() - 3;
             // A first read of a few KiB takes a typical request head whole, so that thousands
