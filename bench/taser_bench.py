@@ -421,7 +421,7 @@ def table_lines(bench: Bench) -> list[str]:
             note = figure.note
             if workload.key == "latency_p50" and figure.value is not None and direct is not None \
                     and figure.route != "direct":
-                note = f"+{figure.value - direct:,.0f} µs over direct"
+                note = f"{figure.value - direct:+,.0f} µs against direct"
             label = bench.route_labels.get(figure.route, figure.route)
             lines.append(
                 f"| {workload.title} | {label} | {printed_value} | {workload.unit} | "

@@ -95,6 +95,24 @@ std::pair<tcp::socket, tcp::socket> connected_sockets(asio::io_context& io) {
     return {std::move(client), std::move(server)};
 }
 
+// A server stream and a client stream on two connected sockets. The client presents its
+// certificate from `certs` and trusts the CA of `trusted`.
+struct stream_pair {
+    asio::io_context io;
+    std::shared_ptr<asio::ssl::context> server_ctx;
+    std::shared_ptr<asio::ssl::context> client_ctx;
+    std::unique_ptr<tls::tunnel_stream> server;
+    std::unique_ptr<tls::tunnel_stream> client;
+
+    stream_pair(const cert_folder& certs, const cert_folder& trusted)
+        : server_ctx(server_context(certs)), client_ctx(client_context(certs, trusted)) {
+        auto sockets = connected_sockets(io);
+        server = std::make_unique<tls::tunnel_stream>(std::move(sockets.second), *server_ctx);
+        client = std::make_unique<tls::tunnel_stream>(std::move(sockets.first), *client_ctx);
+        tls::prepare_client_stream(client->native_handle(), "localhost");
+    }
+};
+
 // Each co_await is a statement of its own: built with g++ 12, a co_await inside a Catch
 // assertion macro started the awaited handshake a second time.
 
@@ -148,13 +166,10 @@ asio::awaitable<std::tuple<byte_vector, error_code>> read_n(tls::tunnel_stream& 
 
 TEST_CASE("tunnel stream carries large writes both ways") {
     cert_folder certs;
-    asio::io_context io;
-    auto [client_socket, server_socket] = connected_sockets(io);
-    auto server_ctx = server_context(certs);
-    auto client_ctx = client_context(certs, certs);
-    tls::tunnel_stream server(std::move(server_socket), *server_ctx);
-    tls::tunnel_stream client(std::move(client_socket), *client_ctx);
-    tls::prepare_client_stream(client.native_handle(), "localhost");
+    stream_pair streams(certs, certs);
+    auto& io = streams.io;
+    auto& server = *streams.server;
+    auto& client = *streams.client;
 
     // Larger than one TLS record, one socket read and the socket buffers together.
     auto up = pattern(3 * 1024 * 1024 + 17);
@@ -198,13 +213,10 @@ TEST_CASE("tunnel stream carries large writes both ways") {
 
 TEST_CASE("tunnel stream reports a truncated close") {
     cert_folder certs;
-    asio::io_context io;
-    auto [client_socket, server_socket] = connected_sockets(io);
-    auto server_ctx = server_context(certs);
-    auto client_ctx = client_context(certs, certs);
-    tls::tunnel_stream server(std::move(server_socket), *server_ctx);
-    tls::tunnel_stream client(std::move(client_socket), *client_ctx);
-    tls::prepare_client_stream(client.native_handle(), "localhost");
+    stream_pair streams(certs, certs);
+    auto& io = streams.io;
+    auto& server = *streams.server;
+    auto& client = *streams.client;
     auto sent = pattern(5000);
 
     run_both(
@@ -229,14 +241,11 @@ TEST_CASE("tunnel stream reports a truncated close") {
 TEST_CASE("tunnel stream rejects an unknown CA") {
     cert_folder certs;
     cert_folder other;
-    asio::io_context io;
-    auto [client_socket, server_socket] = connected_sockets(io);
-    auto server_ctx = server_context(certs);
     // The client trusts another CA, so it rejects the server's certificate.
-    auto client_ctx = client_context(certs, other);
-    tls::tunnel_stream server(std::move(server_socket), *server_ctx);
-    tls::tunnel_stream client(std::move(client_socket), *client_ctx);
-    tls::prepare_client_stream(client.native_handle(), "localhost");
+    stream_pair streams(certs, other);
+    auto& io = streams.io;
+    auto& server = *streams.server;
+    auto& client = *streams.client;
 
     run_both(
         io,
