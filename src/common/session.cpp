@@ -59,6 +59,7 @@ stream::stream(std::shared_ptr<session> s, std::uint32_t id, std::uint32_t send_
 stream::~stream() {
     drop_inbox();
     drop_outbox();
+    session_->request_head_bytes_ -= request_bytes_;
 }
 
 void stream::drop_outbox() {
@@ -599,6 +600,16 @@ error_code session::on_headers(const frame::frame_header& h, frame::bytes payloa
                           frame::encode_u32(static_cast<std::uint32_t>(errc::refused_stream)));
             return {};
         }
+        if (request_head_bytes_ + h.length > options_.request_head_budget_bytes) {
+            log::write_limited(log::level::warn, "stream_refused",
+                               {{"conn", conn_id_},
+                                {"stream", h.stream_id},
+                                {"reason", "request heads of open streams above their budget"},
+                                {"budget_bytes", options_.request_head_budget_bytes}});
+            queue_control(frame::frame_type::rst_stream, 0, h.stream_id,
+                          frame::encode_u32(static_cast<std::uint32_t>(errc::refused_stream)));
+            return {};
+        }
         auto head = frame::decode_request_head(payload);
         if (!head) {
             log::warn("stream_error", {{"conn", conn_id_},
@@ -613,6 +624,8 @@ error_code session::on_headers(const frame::frame_header& h, frame::bytes payloa
                                           peer_hello_.settings.initial_stream_window,
                                           options_.local.initial_stream_window);
         s->request_ = std::move(*head);
+        s->request_bytes_ = h.length;
+        request_head_bytes_ += h.length;
         s->remote_ended_ = end_stream;
         streams_.emplace(h.stream_id, s);
         if (on_stream) {

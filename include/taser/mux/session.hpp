@@ -41,6 +41,10 @@ struct session_options {
     // Bytes all streams of the session may queue together before write() waits, so that many
     // streams towards a peer that stopped reading cannot hold more than this between them.
     std::size_t session_send_buffer_bytes = 16 * 1024 * 1024;
+    // Bytes of encoded request heads that the streams of a session may hold together (the
+    // bridge's side). A HEADERS frame beyond it is refused with REFUSED_STREAM, so that heads
+    // cannot take max_concurrent_streams times max_header_block (1 GiB by default).
+    std::size_t request_head_budget_bytes = 32 * 1024 * 1024;
     // Control frames (PING ACK, WINDOW_UPDATE, RST_STREAM) queued before the peer is cut off
     // for flooding.
     std::size_t max_queued_control_frames = 10000;
@@ -153,6 +157,7 @@ private:
     std::shared_ptr<session> session_;
     std::uint32_t id_;
     frame::request_head request_;
+    std::size_t request_bytes_ = 0;  // the encoded head's share of request_head_budget_bytes
 
     // Receiving.
     std::optional<frame::response_head> response_;
@@ -268,7 +273,8 @@ private:
     bool hello_done_ = false;
 
     std::unordered_map<std::uint32_t, std::shared_ptr<stream>> streams_;
-    std::uint32_t last_stream_id_ = 0;  // highest id opened on this connection, by either rule
+    std::uint32_t last_stream_id_ = 0;    // highest id opened on this connection, by either rule
+    std::size_t request_head_bytes_ = 0;  // encoded request heads that streams hold
 
     // Reading.
     boost::beast::flat_buffer buffer_;

@@ -1636,6 +1636,27 @@ TEST_CASE("bridge refuses streams above max_concurrent_streams", "[mux][wire]") 
     CHECK(t.session->open_streams() == 1);
 }
 
+TEST_CASE("bridge refuses request heads above their budget", "[mux][wire]") {
+    auto options = options_for(frame::role::bridge);
+    // The heads below are 11 bytes each: the first fits, the second does not.
+    options.request_head_budget_bytes = 20;
+    wire_peer t(options);
+    raw_frame reset;
+
+    auto test = [&]() -> asio::awaitable<void> {
+        co_await t.send(join(peer_hello(frame::role::bridge), hex(post_stream_1),
+                             hex("00000b 01 00 00000003 0004 504f5354 0001 2f 0000")));
+        reset = co_await t.read_until(type_rst_stream);
+        co_await net::sleep(settle_time);
+    };
+    t.run(test());
+
+    CHECK(reset.stream_id == 3);
+    CHECK(reset.payload == hex("00000006"));  // refused_stream
+    CHECK(t.incoming.waiting() == 1);
+    CHECK(t.session->open_streams() == 1);
+}
+
 TEST_CASE("peer GOAWAY refuses streams above last_stream_id", "[mux][wire]") {
     wire_peer t(options_for(frame::role::broker));
     bool goaway_seen = false;
