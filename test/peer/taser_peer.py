@@ -41,6 +41,8 @@ MIN_MAX_FRAME_PAYLOAD = 16384
 MAX_WINDOW = (1 << 31) - 1
 MAX_STREAM_ID = (1 << 31) - 1
 MAX_FIELDS = 512
+# Encoded request heads that the open streams of one connection may hold at the bridge (§5.2).
+REQUEST_HEAD_BUDGET = 32 * 1024 * 1024
 HELLO_FIXED_BYTES = 20
 SETTING_BYTES = 6
 
@@ -821,6 +823,7 @@ class Stream:
     def __init__(self, session: "Session", stream_id: int):
         self.session = session
         self.id = stream_id
+        self.request_bytes = 0  # the encoded request head's share of REQUEST_HEAD_BUDGET
         self.request: Optional[RequestHead] = None
         self.response: Optional[ResponseHead] = None
         self.response_ready = asyncio.Event()
@@ -918,6 +921,7 @@ class Session:
         self.instance = os.urandom(16)
         self.peer = Hello()
         self.streams: dict[int, Stream] = {}
+        self.request_head_bytes = 0
         self.highest_stream_id = 0
         self.connection_send_window = 0
         self.connection_receive_window = self.local.initial_connection_window
@@ -982,6 +986,7 @@ class Session:
         for stream in list(self.streams.values()):
             stream._fail(ErrorCode.CANCEL, by_peer=False)
         self.streams.clear()
+        self.request_head_bytes = 0
         async with self.window_changed:
             self.window_changed.notify_all()
         self.writer.close()
@@ -1072,7 +1077,8 @@ class Session:
             self._forget(stream)
 
     def _forget(self, stream: Stream) -> None:
-        self.streams.pop(stream.id, None)
+        if self.streams.pop(stream.id, None) is not None:
+            self.request_head_bytes -= stream.request_bytes
 
     def _reset(self, stream: Stream, code: int) -> None:
         if stream.failed or self.closed.is_set():
@@ -1225,7 +1231,11 @@ class Session:
                 ErrorCode.STREAM_CLOSED, "HEADERS on a stream id already used", stream_id
             )
         self.highest_stream_id = stream_id
-        if self.goaway_sent or len(self.streams) >= self.local.max_concurrent_streams:
+        if (
+            self.goaway_sent
+            or len(self.streams) >= self.local.max_concurrent_streams
+            or self.request_head_bytes + len(payload) > REQUEST_HEAD_BUDGET
+        ):
             self._write(FrameType.RST_STREAM, 0, stream_id, encode_u32(ErrorCode.REFUSED_STREAM))
             await self._drain()
             return
@@ -1237,6 +1247,8 @@ class Session:
             return
         stream = Stream(self, stream_id)
         stream.request = head
+        stream.request_bytes = len(payload)
+        self.request_head_bytes += len(payload)
         stream.remote_ended = bool(flags & FLAG_END_STREAM)
         self.streams[stream_id] = stream
         if self.handler is None:
