@@ -4,7 +4,6 @@
 
 #include <charconv>
 #include <optional>
-#include <type_traits>
 
 #include <boost/asio/connect.hpp>
 #include <boost/asio/ssl.hpp>
@@ -16,6 +15,7 @@
 #include "taser/net/deadlines.hpp"
 #include "taser/net/event.hpp"
 #include "taser/net/spawn.hpp"
+#include "taser/net/wait.hpp"
 
 namespace taser::bridge {
 namespace {
@@ -214,12 +214,10 @@ asio::awaitable<exchange_result> exchange(Stream& sock, vault_connection& vc,
         parser->body_limit(boost::none);
         parser->skip(head_request);
         timers->arm(deadlines::read, opt.request_timeout);
-        if constexpr (std::is_same_v<Stream, tcp::socket>) {
+        if constexpr (net::can_wait_readable<Stream>) {
             if (vc.buffer.size() == 0) {
-                // The response is not there yet: a read now would only find the socket empty.
-                // A TLS stream may hold decrypted bytes, so it reads at once. A failed wait
-                // leaves the failure to the read.
-                co_await sock.async_wait(tcp::socket::wait_read, as_tuple(use_awaitable));
+                // The response is usually not there yet, right after the request.
+                co_await net::wait_readable(sock);
             }
         }
         auto [rec, n] =

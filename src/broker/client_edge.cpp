@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <charconv>
 #include <optional>
-#include <type_traits>
 #include <utility>
 
 #include <boost/beast/http.hpp>
@@ -17,6 +16,7 @@
 #include "taser/net/lifecycle.hpp"
 #include "taser/net/listen.hpp"
 #include "taser/net/spawn.hpp"
+#include "taser/net/wait.hpp"
 
 #include "state.hpp"
 
@@ -33,7 +33,7 @@ using net::deadlines;
 constexpr std::size_t body_chunk_bytes = 64 * 1024;
 // Response data already received is gathered into one write up to this size.
 constexpr std::size_t coalesce_bytes = 256 * 1024;
-// Body chunks from this size on are written from where the stream delivered them; smaller ones
+// Body chunks from this size on are written from where the stream delivered them. Smaller ones
 // are copied next to the HTTP text, so that a small response is one buffer (one TLS record).
 constexpr std::size_t reference_from_bytes = 8 * 1024;
 constexpr std::string_view continue_100 = "HTTP/1.1 100 Continue\r\n\r\n";
@@ -59,7 +59,7 @@ std::optional<std::uint64_t> parse_content_length(std::string_view v) {
     return n;
 }
 
-// What one write to the client carries: HTTP text (a response head, chunk framing, small
+// The contents of one write to the client: HTTP text (a response head, chunk framing, small
 // bodies) and large body chunks as the stream delivered them, which are not copied again.
 class response_batch {
 public:
@@ -137,16 +137,15 @@ struct client {
             if (have.size() >= max_bytes) {
                 co_return std::tuple{make_error_code(asio::error::not_found), std::size_t{0}};
             }
-            if constexpr (std::is_same_v<Stream, tcp::socket>) {
+            if constexpr (net::can_wait_readable<Stream>) {
                 if (have.empty()) {
-                    // Between two requests the socket is usually empty, and a read would only
-                    // find that out. A TLS stream may hold decrypted bytes, so it reads at once.
-                    co_await stream.async_wait(tcp::socket::wait_read, as_tuple(use_awaitable));
+                    // Between two requests the socket is usually empty.
+                    co_await net::wait_readable(stream);
                 }
             }
             searched = have.size() < 3 ? 0 : have.size() - 3;
-            // A first read of a few KiB takes a typical request head whole, so that thousands
-            // of waiting connections hold little; the buffer grows when more comes.
+            // A first read of 2 KiB takes a typical request head whole, so thousands of waiting
+            // connections use little memory. The buffer grows when more arrives.
             auto room = std::min<std::size_t>(max_bytes - have.size() + 4,
                                               std::max<std::size_t>(have.size(), 2048));
             auto [ec, got] =

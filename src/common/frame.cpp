@@ -132,12 +132,16 @@ std::uint32_t decode_u32(const std::uint8_t* p) {
            std::uint32_t{p[3]};
 }
 
+std::uint32_t decode_length(const std::uint8_t* header) {
+    return (std::uint32_t{header[0]} << 16) | (std::uint32_t{header[1]} << 8) | header[2];
+}
+
 result<frame_header> decode_header(bytes header, std::uint32_t max_payload_bytes) {
     if (header.size() < header_size) {
         return make_error_code(errc::frame_size_error);
     }
     frame_header h;
-    h.length = (std::uint32_t{header[0]} << 16) | (std::uint32_t{header[1]} << 8) | header[2];
+    h.length = decode_length(header.data());
     auto type = header[3];
     h.flags = header[4];
     h.stream_id = decode_u32(header.data() + 5) & ~reserved_bit;

@@ -20,9 +20,9 @@ constexpr std::size_t write_batch_bytes = 256 * 1024;
 // Largest DATA payload that we send, whatever the peer allows: one TLS record's worth.
 constexpr std::size_t data_frame_bytes = 16 * 1024;
 // A batch goes to the socket in pieces of whole frames of about this size. Control frames
-// queued meanwhile (RST_STREAM, PING, WINDOW_UPDATE) go out between two pieces, so on a slow
+// queued meanwhile (RST_STREAM, PING, WINDOW_UPDATE) go out between two pieces. So on a slow
 // link they wait behind one piece and the kernel's tunnel_notsent_lowat_bytes, not behind
-// the rest of the batch: 256 KiB take 8 s at 256 kbit/s.
+// the rest of the batch, which can take 8 s at 256 kbit/s (256 KiB).
 constexpr std::size_t write_piece_bytes = frame::header_size + data_frame_bytes;
 constexpr std::size_t read_chunk_bytes = 64 * 1024;
 // Received DATA is kept in chunks of up to this size.
@@ -38,8 +38,7 @@ std::uint32_t to_u32(std::int64_t v) {
 
 // Size of the whole frame that starts at out[at], read back from the header we encoded.
 std::size_t frame_size_at(const std::vector<std::uint8_t>& out, std::size_t at) {
-    return frame::header_size + ((std::size_t{out[at]} << 16) | (std::size_t{out[at + 1]} << 8) |
-                                 std::size_t{out[at + 2]});
+    return frame::header_size + frame::decode_length(out.data() + at);
 }
 
 }  // namespace
@@ -352,9 +351,7 @@ asio::awaitable<error_code> session::handshake() {
         // Tell the peer why, if the socket still works, then give up.
         if (!control_.empty() && !timed_out) {
             out.clear();
-            for (auto& f : control_) {
-                out.insert(out.end(), f.begin(), f.end());
-            }
+            take_control(out);
             co_await transport_->write_all(asio::buffer(out));
         }
         close(ec);

@@ -39,7 +39,7 @@ tunnel_stream::tunnel_stream(asio::ip::tcp::socket socket, asio::ssl::context& c
         BIO_free(output_);
         throw std::bad_alloc();
     }
-    // An empty input asks for a retry (SSL_ERROR_WANT_READ), never means the end.
+    // An empty input makes OpenSSL retry later (SSL_ERROR_WANT_READ) instead of ending the stream.
     BIO_set_mem_eof_return(input_, -1);
     SSL_set_bio(ssl_.get(), input_, output_);
     received_.resize(read_chunk_bytes);
@@ -76,8 +76,7 @@ asio::awaitable<error_code> tunnel_stream::send_pending() {
     auto data = asio::buffer(sending_.data(), static_cast<std::size_t>(got));
     // The socket usually takes it all at once; waiting costs a trip through the event loop.
     error_code ec;
-    socket_.non_blocking(true, ec);
-    auto sent = ec ? 0 : socket_.write_some(data, ec);
+    auto sent = socket_.write_some(data, ec);
     if (ec && ec != asio::error::would_block) {
         co_return ec;
     }
@@ -91,7 +90,6 @@ asio::awaitable<error_code> tunnel_stream::send_pending() {
 asio::awaitable<error_code> tunnel_stream::receive() {
     error_code ec;
     std::size_t n = 0;
-    socket_.non_blocking(true, ec);
     while (!ec) {
         n = socket_.read_some(asio::buffer(received_), ec);
         if (ec != asio::error::would_block) {
@@ -114,6 +112,13 @@ asio::awaitable<error_code> tunnel_stream::receive() {
 }
 
 asio::awaitable<error_code> tunnel_stream::handshake(side as) {
+    // The direct reads and writes of send_pending() and receive() must not block the thread.
+    // Setting this costs a system call, so it happens once, here.
+    error_code ec;
+    socket_.non_blocking(true, ec);
+    if (ec) {
+        co_return ec;
+    }
     if (as == side::client) {
         SSL_set_connect_state(ssl_.get());
     } else {
@@ -127,7 +132,7 @@ asio::awaitable<error_code> tunnel_stream::handshake(side as) {
         if (ssl_error != SSL_ERROR_NONE && ssl_error != SSL_ERROR_WANT_READ) {
             failed = failure(ssl_error);
         }
-        // What OpenSSL wrote goes out first, including an alert that tells the peer why.
+        // What OpenSSL wrote goes out first, including an alert with the reason for a failure.
         auto sent = co_await send_pending();
         if (failed) {
             co_return failed;
@@ -138,8 +143,8 @@ asio::awaitable<error_code> tunnel_stream::handshake(side as) {
         if (result == 1) {
             co_return error_code{};
         }
-        if (auto ec = co_await receive()) {
-            co_return ec;
+        if (auto received = co_await receive()) {
+            co_return received;
         }
     }
 }

@@ -133,6 +133,8 @@ result<goaway> decode_goaway(bytes payload);
 
 std::array<std::uint8_t, 4> encode_u32(std::uint32_t v);
 std::uint32_t decode_u32(const std::uint8_t* p);
+// Reads the 24-bit length field at the start of a frame header, without any check.
+std::uint32_t decode_length(const std::uint8_t* header);
 
 // A window increment of 0 or above 2^31-1 is a protocol error (§6.3).
 result<std::uint32_t> decode_window_update(bytes payload);

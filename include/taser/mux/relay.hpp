@@ -6,7 +6,6 @@
 
 #include <array>
 #include <memory>
-#include <type_traits>
 #include <vector>
 
 #include <boost/asio/as_tuple.hpp>
@@ -19,6 +18,7 @@
 #include "taser/net/deadlines.hpp"
 #include "taser/net/event.hpp"
 #include "taser/net/spawn.hpp"
+#include "taser/net/wait.hpp"
 
 namespace taser::mux {
 
@@ -73,20 +73,16 @@ asio::awaitable<relay_counts> relay(Socket& socket, std::shared_ptr<stream> s,
                 }
             }
             // The buffer starts small and grows up to chunk_bytes while reads keep filling it.
-            // A read that drains the socket frees it, where the socket allows waiting without
-            // one, so that thousands of quiet tunnels cost little.
-            // A TLS stream may hold decrypted bytes that its socket no longer shows, so only a
-            // plain socket can be waited on without a read.
-            constexpr bool waits_unbuffered = std::is_same_v<Socket, asio::ip::tcp::socket>;
+            // Where the socket can be waited on without a read, a read that drains the socket
+            // frees the buffer, so that thousands of quiet tunnels cost little.
+            constexpr bool waits_unbuffered = net::can_wait_readable<Socket>;
             std::size_t size = 4096;
             std::unique_ptr<std::uint8_t[]> chunk;
             for (;;) {
                 timers.arm(net::deadlines::read, idle);
                 if (!chunk) {
                     if constexpr (waits_unbuffered) {
-                        // A failed wait leaves the failure to the read below.
-                        co_await socket.async_wait(asio::ip::tcp::socket::wait_read,
-                                                   asio::as_tuple(asio::use_awaitable));
+                        co_await net::wait_readable(socket);
                     }
                     chunk = std::make_unique_for_overwrite<std::uint8_t[]>(size);
                 }

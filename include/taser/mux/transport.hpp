@@ -24,7 +24,7 @@ using error_code = boost::system::error_code;
 // Unsent bytes that the kernel may hold for a tunnel socket. Beyond it, frames wait in the
 // session, where a RST_STREAM, PING or WINDOW_UPDATE can still go out ahead of bulk data
 // instead of queueing behind megabytes on a slow path. Bytes in flight are not counted, so
-// a fast link with a large bandwidth-delay product still fills; on loopback the kernel holds
+// a fast link with a large bandwidth-delay product still fills; on loopback the kernel has
 // no unsent bytes while the peer reads, so the value costs nothing there.
 inline constexpr int tunnel_notsent_lowat_bytes = 16 * 1024;
 

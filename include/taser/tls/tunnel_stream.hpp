@@ -28,7 +28,7 @@ using error_code = boost::system::error_code;
 // eof after the peer's close_notify, and stream_truncated when the connection ends without one.
 //
 // One read and one write may be in flight at once. A TLS message that reading produces (an
-// alert, a KeyUpdate answer) waits in memory until the next write sends it.
+// alert, the response to a KeyUpdate) waits in memory until the next write sends it.
 class tunnel_stream final : public mux::transport {
 public:
     enum class side { client, server };
@@ -42,7 +42,7 @@ public:
     SSL* native_handle() noexcept { return ssl_.get(); }
     asio::ip::tcp::socket& lowest_layer() noexcept { return socket_; }
 
-    // Runs the TLS handshake as the given side.
+    // Runs the TLS handshake as the given side. It must come before any read or write.
     asio::awaitable<error_code> handshake(side as);
 
     asio::awaitable<std::tuple<error_code, std::size_t>> read_some(asio::mutable_buffer b) override;
