@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import pytest
 
 from http_clients import curl_json, parse_raw_response, raw_exchange, read_until_closed
-from taser_harness import Broker, Harness, StandIn
+from taser_harness import Broker, CanaryListener, Harness, StandIn
 
 TOKEN_HEADER = "X-Vault-Token: root"
 BRIDGE_WAIT = "1s"
@@ -715,37 +715,6 @@ def test_http10_chunked_request_closes_connection(harness, standin):
 
     assert closed
     assert "/v1/test/echo?part=second" not in targets, received[:600]
-
-
-class CanaryListener:
-    """A TCP listener on 127.0.0.1 that counts the connections it accepts."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.connections = 0
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                connection, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.connections += 1
-            connection.close()
-
-    def close(self) -> None:
-        self.stopped.set()
-        self.thread.join(timeout=5)
-        self.sock.close()
 
 
 def test_request_targets_reach_only_vault(harness, standin):

@@ -48,11 +48,11 @@ BRIDGE_REQUEST_TIMEOUT_S = 4
 UNCONGESTED_IDLE_BOUND_S = 15
 # A bridge deadline that never fires during the reset test.
 RESET_ONLY_BRIDGE_TIMEOUT_S = 60
-# What a reset may wait behind on its way from the broker to the bridge: one piece of the
-# broker's write batch (16 KiB), the broker kernel's unsent bytes (TCP_NOTSENT_LOWAT of 16 KiB
-# plus one 16 KiB TLS record), and the relay's receive buffer (the kernel doubles the 32 KiB
-# asked for) and chunk. Before pieces and the low mark, a whole 256 KiB batch and 256 KiB of
-# unsent bytes came first: more than 15 s at this rate.
+# Bytes that a reset may wait behind on its way from the broker to the bridge. In the broker:
+# one piece of the write batch (16 KiB) and the kernel's unsent bytes (TCP_NOTSENT_LOWAT of
+# 16 KiB plus one 16 KiB TLS record). In the relay: its receive buffer (the kernel doubles the
+# 32 KiB requested) and one chunk. When a whole 256 KiB batch went first, the reset arrived
+# 7.7 s after the timeout in this test.
 RESET_QUEUE_BYTES = 16 * 1024 + 32 * 1024 + 2 * RELAY_BUFFER_BYTES + RELAY_CHUNK_BYTES
 # Time from the broker's timeout to the bridge's receipt of the reset, with 1 s of slack for
 # a busy machine.

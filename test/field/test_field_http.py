@@ -26,7 +26,7 @@ from http_clients import (
     read_response_head,
     read_until_closed,
 )
-from taser_harness import REPO_ROOT, vmhwm_kib
+from taser_harness import REPO_ROOT, CanaryListener, vmhwm_kib
 
 sys.path.insert(0, str(REPO_ROOT / "test" / "peer"))
 
@@ -379,35 +379,6 @@ def test_taser_503_carries_retry_after(harness, overload):
 
 # ---------------------------------------------------------------------------------------------
 # A broker (or something posing as one) names another target in a stream
-
-
-class CanaryListener:
-    """A listener on 127.0.0.1 that counts the connections made to it."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0), backlog=16)
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.connections = 0
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                connection, _ = self.sock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.connections += 1
-            connection.close()
-
-    def close(self) -> None:
-        self.stopping.set()
-        self.thread.join(timeout=5)
-        self.sock.close()
 
 
 def test_stream_target_cannot_redirect_bridge(harness, certs):

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// Unit tests of the queue that holds a stream's received DATA.
+// Unit tests of the queue of a stream's received DATA.
 #include <cstdint>
 #include <vector>
 

@@ -251,7 +251,7 @@ TEST_CASE("tunnel stream rejects an unknown CA") {
         io,
         [&]() -> asio::awaitable<void> {
             auto ec = co_await server.handshake(side::server);
-            // The client's alert tells the server why.
+            // The server learns of the failure from the client's alert.
             CHECK(ec.category() == asio::error::get_ssl_category());
         }(),
         [&]() -> asio::awaitable<void> {
