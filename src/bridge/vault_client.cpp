@@ -184,6 +184,10 @@ asio::awaitable<exchange_result> exchange(Stream& sock, vault_connection& vc,
         co_return result;
     }
     result.request_sent = true;
+    // Neither is needed while the vault answers; thousands of held requests would each keep
+    // them.
+    std::exchange(head, {});
+    std::exchange(fields, {});
 
     // The body goes up while the response may already come down.
     bool upload_running = has_body;
@@ -464,6 +468,14 @@ void vault_client::release(std::unique_ptr<vault_connection> c, bool reusable) {
 }
 
 asio::awaitable<void> vault_client::tunnel(std::shared_ptr<mux::stream> s) {
+    if (!options_.allow_tunnels) {
+        log::write_limited(log::level::warn, "tunnel_rejected",
+                           {{"conn", s->conn_id()},
+                            {"stream", s->id()},
+                            {"reason", "byte tunnels are not enabled (--allow-tunnels)"}});
+        respond_error(s, 403, "byte tunnels are not enabled on this bridge");
+        co_return;
+    }
     // The authority that the stream names is ignored on purpose: a tunnel always ends at the
     // vault's address, whatever a broker asks for.
     const auto& where = options_.vault.authority;
@@ -506,20 +518,17 @@ asio::awaitable<void> vault_client::tunnel(std::shared_ptr<mux::stream> s) {
                                  {"clean", counts.clean}});
 }
 
+// Not a coroutine itself, so that a tunnel, which may stay open for minutes, holds only its own
+// coroutine frame.
 asio::awaitable<void> vault_client::serve(std::shared_ptr<mux::stream> s) {
-    const auto& req = s->request();
-    if (req.method == "CONNECT") {
-        if (!options_.allow_tunnels) {
-            log::write_limited(log::level::warn, "tunnel_rejected",
-                               {{"conn", s->conn_id()},
-                                {"stream", s->id()},
-                                {"reason", "byte tunnels are not enabled (--allow-tunnels)"}});
-            respond_error(s, 403, "byte tunnels are not enabled on this bridge");
-            co_return;
-        }
-        co_await tunnel(std::move(s));
-        co_return;
+    if (s->request().method == "CONNECT") {
+        return tunnel(std::move(s));
     }
+    return forward(std::move(s));
+}
+
+asio::awaitable<void> vault_client::forward(std::shared_ptr<mux::stream> s) {
+    const auto& req = s->request();
     // Only origin-form targets reach the vault: whatever authority a request names, the
     // bridge connects to --vault-address and nothing else.
     if (!req.target.starts_with("/")) {

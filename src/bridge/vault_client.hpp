@@ -61,6 +61,8 @@ public:
 private:
     // Connects the stream's bytes to the vault address: CONNECT and passthrough.
     asio::awaitable<void> tunnel(std::shared_ptr<mux::stream> s);
+    // Replays one HTTP request against the vault.
+    asio::awaitable<void> forward(std::shared_ptr<mux::stream> s);
     // Returns a pooled or new connection; fails with errc::timeout when none is free by the
     // deadline, or with the connect error.
     asio::awaitable<std::unique_ptr<vault_connection>> acquire(

@@ -114,12 +114,45 @@ private:
     std::size_t bytes_ = 0;
 };
 
+// A client connection's entry in state::clients, where the drain on SIGTERM finds it. Held in
+// the connection's coroutine frame, so the entry goes whichever way the connection ends,
+// exceptions included; its close function points into that frame.
+class client_registration {
+public:
+    client_registration(state& st, std::uint64_t conn)
+        : st_(&st), conn_(conn), entry_(&st.clients.try_emplace(conn).first->second) {
+        entry_->busy = true;
+    }
+    client_registration(client_registration&& other) noexcept
+        : st_(std::exchange(other.st_, nullptr)), conn_(other.conn_), entry_(other.entry_) {}
+    client_registration(const client_registration&) = delete;
+    client_registration& operator=(const client_registration&) = delete;
+    client_registration& operator=(client_registration&&) = delete;
+    ~client_registration() {
+        if (st_ != nullptr) {
+            st_->clients.erase(conn_);
+            st_->clients_idle.notify();
+            log::debug("client_closed", {{"conn", conn_}});
+        }
+    }
+
+    std::uint64_t conn() const noexcept { return conn_; }
+    // Stable while the registration lives: std::map does not move its nodes.
+    client_entry& entry() const noexcept { return *entry_; }
+
+private:
+    state* st_;
+    std::uint64_t conn_;
+    client_entry* entry_;
+};
+
 // One client connection: its socket, its deadlines and what it has counted.
 template <class Stream>
 struct client {
     state& st;
     Stream& stream;
     std::uint64_t conn;
+    client_entry& entry;
     std::string peer;
     std::shared_ptr<deadlines> timers;
     beast::flat_buffer buffer;
@@ -647,76 +680,71 @@ asio::awaitable<bool> exchange(client<Stream>& c,
     co_return out.complete&& out.keep_alive;
 }
 
-// Reads the header block, rejecting what Beast's parser would accept but a vault might read
-// differently (obsolete line folding). Returns false when the connection should close.
-template <class Stream>
-asio::awaitable<bool> serve_one(client<Stream>& c, bool first) {
-    auto& opt = c.st.opt;
-    c.timers->arm(deadlines::read, first ? opt.header_timeout : opt.idle_timeout);
-    auto [ec, n] = co_await c.read_header_block(opt.max_header_bytes);
-    c.timers->disarm(deadlines::read);
-    if (ec) {
-        if (ec == asio::error::not_found) {
-            log::write_limited(
-                log::level::warn, "request_rejected",
-                {{"conn", c.conn}, {"peer", c.peer}, {"reason", "header too large"}});
-            co_await c.fail(431, "request header fields too large", true);
-        } else if (c.timers->expired()) {
-            log::debug("client_timeout", {{"conn", c.conn}, {"peer", c.peer}});
-        } else if (!ordinary_end(ec)) {
-            log::debug("client_read_failed", {{"conn", c.conn}, {"error", ec.message()}});
-        }
-        co_return false;
-    }
-    std::string_view block(static_cast<const char*>(c.buffer.data().data()), n);
-    if (block.find("\r\n ") != std::string_view::npos ||
-        block.find("\r\n\t") != std::string_view::npos) {
-        log::write_limited(
-            log::level::warn, "request_rejected",
-            {{"conn", c.conn}, {"peer", c.peer}, {"reason", "obsolete line folding"}});
-        co_await c.fail(400, "obsolete line folding in request header", true);
-        co_return false;
-    }
-
-    bhttp::request_parser<bhttp::buffer_body> parser;
-    parser.header_limit(static_cast<std::uint32_t>(opt.max_header_bytes));
-    parser.body_limit(opt.max_body_bytes);
-    error_code pec;
-    auto used = parser.put(asio::buffer(block), pec);
-    if (!pec && !parser.is_header_done()) {
-        pec = bhttp::error::partial_message;
-    }
-    if (pec) {
-        log::write_limited(log::level::warn, "request_rejected",
-                           {{"conn", c.conn}, {"peer", c.peer}, {"reason", pec.message()}});
-        unsigned status = pec == bhttp::error::body_limit ? 413 : 400;
-        co_await c.fail(status, "malformed request: " + pec.message(), true);
-        co_return false;
-    }
-    c.buffer.consume(used);
-    if (c.buffer.size() == 0) {
-        // Nothing read ahead: the buffer is not needed while the request is served, and
-        // thousands of requests in flight would each hold one.
-        c.buffer.shrink_to_fit();
-    }
-    c.st.clients[c.conn].busy = true;
-    co_return co_await exchange(c, parser);
-}
-
+// Serves the connection's requests one after another until one of them ends it. Each header
+// block is checked for what Beast's parser would accept but a vault might read differently
+// (obsolete line folding). One coroutine for the whole connection, so that a request held open
+// costs no more frames than it must.
 template <class Stream>
 asio::awaitable<void> serve_connection(client<Stream>& c) {
-    for (bool first = true;; first = false) {
-        c.st.clients[c.conn].busy = false;
-        if (c.st.draining) {
-            break;
+    auto& opt = c.st.opt;
+    for (bool first = true; !c.st.draining; first = false) {
+        c.entry.busy = false;
+        c.timers->arm(deadlines::read, first ? opt.header_timeout : opt.idle_timeout);
+        auto [ec, n] = co_await c.read_header_block(opt.max_header_bytes);
+        c.timers->disarm(deadlines::read);
+        if (ec) {
+            if (ec == asio::error::not_found) {
+                log::write_limited(
+                    log::level::warn, "request_rejected",
+                    {{"conn", c.conn}, {"peer", c.peer}, {"reason", "header too large"}});
+                co_await c.fail(431, "request header fields too large", true);
+            } else if (c.timers->expired()) {
+                log::debug("client_timeout", {{"conn", c.conn}, {"peer", c.peer}});
+            } else if (!ordinary_end(ec)) {
+                log::debug("client_read_failed", {{"conn", c.conn}, {"error", ec.message()}});
+            }
+            co_return;
         }
-        if (!co_await serve_one(c, first)) {
-            break;
+        std::string_view block(static_cast<const char*>(c.buffer.data().data()), n);
+        if (block.find("\r\n ") != std::string_view::npos ||
+            block.find("\r\n\t") != std::string_view::npos) {
+            log::write_limited(
+                log::level::warn, "request_rejected",
+                {{"conn", c.conn}, {"peer", c.peer}, {"reason", "obsolete line folding"}});
+            co_await c.fail(400, "obsolete line folding in request header", true);
+            co_return;
+        }
+
+        bhttp::request_parser<bhttp::buffer_body> parser;
+        parser.header_limit(static_cast<std::uint32_t>(opt.max_header_bytes));
+        parser.body_limit(opt.max_body_bytes);
+        error_code pec;
+        auto used = parser.put(asio::buffer(block), pec);
+        if (!pec && !parser.is_header_done()) {
+            pec = bhttp::error::partial_message;
+        }
+        if (pec) {
+            log::write_limited(log::level::warn, "request_rejected",
+                               {{"conn", c.conn}, {"peer", c.peer}, {"reason", pec.message()}});
+            unsigned status = pec == bhttp::error::body_limit ? 413 : 400;
+            co_await c.fail(status, "malformed request: " + pec.message(), true);
+            co_return;
+        }
+        c.buffer.consume(used);
+        if (c.buffer.size() == 0) {
+            // Nothing read ahead: the buffer is not needed while the request is served, and
+            // thousands of requests in flight would each hold one.
+            c.buffer.shrink_to_fit();
+        }
+        c.entry.busy = true;
+        if (!co_await exchange(c, parser)) {
+            co_return;
         }
     }
 }
 
-asio::awaitable<void> serve_client(state& st, tcp::socket socket, std::uint64_t conn) {
+asio::awaitable<void> serve_client(state& st, tcp::socket socket, client_registration reg) {
+    auto conn = reg.conn();
     error_code ignored;
     socket.set_option(tcp::no_delay(true), ignored);
     auto peer = net::format_endpoint(socket.remote_endpoint(ignored));
@@ -728,11 +756,11 @@ asio::awaitable<void> serve_client(state& st, tcp::socket socket, std::uint64_t 
             socket.close(e);
         });
         timers->start();
-        st.clients[conn].close = [&socket] {
+        reg.entry().close = [&socket] {
             error_code e;
             socket.close(e);
         };
-        client<tcp::socket> c{st, socket, conn, peer, timers, read_buffer(st)};
+        client<tcp::socket> c{st, socket, conn, reg.entry(), peer, timers, read_buffer(st)};
         co_await serve_connection(c);
         timers->stop();
         socket.shutdown(tcp::socket::shutdown_both, ignored);
@@ -747,7 +775,7 @@ asio::awaitable<void> serve_client(state& st, tcp::socket socket, std::uint64_t 
     };
     auto timers = std::make_shared<deadlines>(st.io.get_executor(), close_socket);
     timers->start();
-    st.clients[conn].close = close_socket;
+    reg.entry().close = close_socket;
 
     timers->arm(deadlines::read, st.opt.header_timeout);
     auto [ec] =
@@ -760,7 +788,8 @@ asio::awaitable<void> serve_client(state& st, tcp::socket socket, std::uint64_t 
         timers->stop();
         co_return;
     }
-    client<asio::ssl::stream<tcp::socket>> c{st, stream, conn, peer, timers, read_buffer(st)};
+    client<asio::ssl::stream<tcp::socket>> c{st,   stream, conn,           reg.entry(),
+                                             peer, timers, read_buffer(st)};
     co_await serve_connection(c);
     // close_notify, bounded by the write deadline, so the client can tell the end from a cut.
     timers->arm(deadlines::write, std::chrono::seconds(2));
@@ -771,15 +800,15 @@ asio::awaitable<void> serve_client(state& st, tcp::socket socket, std::uint64_t 
 
 // Passthrough: the connection's bytes, TLS records of the client's own session with the vault,
 // go unread to the bridge as one tunnel stream.
-asio::awaitable<void> serve_passthrough(state& st, tcp::socket socket, std::uint64_t conn) {
+asio::awaitable<void> serve_passthrough(state& st, tcp::socket socket, client_registration reg) {
+    auto conn = reg.conn();
     error_code ignored;
     socket.set_option(tcp::no_delay(true), ignored);
     auto close_socket = [&socket] {
         error_code e;
         socket.close(e);
     };
-    st.clients[conn].close = close_socket;
-    st.clients[conn].busy = true;
+    reg.entry().close = close_socket;
     auto timers = std::make_shared<deadlines>(st.io.get_executor(), close_socket);
     timers->start();
 
@@ -822,30 +851,16 @@ asio::awaitable<void> accept_clients(state& st, tcp::acceptor& acceptor, client_
                                 {"limit", st.opt.max_client_connections}});
             continue;  // the socket closes as it goes out of scope
         }
-        auto conn = st.next_conn_id();
         ++st.stats.client_connections_total;
-        st.clients[conn] = client_entry{true, {}};
-        net::spawn(
-            st.io.get_executor(),
-            [&st, conn, edge, s = std::move(socket)]() mutable -> asio::awaitable<void> {
-                // The entry's close function points into this connection's frame, so it must
-                // go whatever way the connection ends, exceptions included.
-                struct entry_guard {
-                    state& st;
-                    std::uint64_t conn;
-                    ~entry_guard() {
-                        st.clients.erase(conn);
-                        st.clients_idle.notify();
-                        log::debug("client_closed", {{"conn", conn}});
-                    }
-                } guard{st, conn};
-                if (edge == client_edge::passthrough) {
-                    co_await serve_passthrough(st, std::move(s), conn);
-                } else {
-                    co_await serve_client(st, std::move(s), conn);
-                }
-            },
-            "client_connection");
+        client_registration reg(st, st.next_conn_id());
+        if (edge == client_edge::passthrough) {
+            net::spawn(st.io.get_executor(),
+                       serve_passthrough(st, std::move(socket), std::move(reg)),
+                       "client_connection");
+        } else {
+            net::spawn(st.io.get_executor(), serve_client(st, std::move(socket), std::move(reg)),
+                       "client_connection");
+        }
     }
 }
 
