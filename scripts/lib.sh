@@ -10,6 +10,7 @@ TASER_PACKAGES=(
     libboost-program-options1.81-dev
     libssl-dev
     nlohmann-json3-dev
+    libjemalloc-dev
     catch2
     cmake
     ninja-build
