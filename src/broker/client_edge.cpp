@@ -680,30 +680,59 @@ asio::awaitable<bool> exchange(client<Stream>& c,
     co_return out.complete&& out.keep_alive;
 }
 
-// Serves the connection's requests one after another until one of them ends it. Each header
-// block is checked for what Beast's parser would accept but a vault might read differently
-// (obsolete line folding). One coroutine for the whole connection, so that a request held open
-// costs no more frames than it must.
+using tls_stream = asio::ssl::stream<tcp::socket>;
+
+// Serves one client connection: the TLS handshake when Stream is a TLS stream, then the
+// requests one after another until one of them ends the connection, then the close. Each
+// header block is checked for what Beast's parser would accept but a vault might read
+// differently (obsolete line folding). It is one coroutine for the whole connection, because
+// every frame counts when thousands of requests are held open at once. tls_context, null
+// without TLS, is the context that stream was made with, kept for as long as stream lives.
 template <class Stream>
-asio::awaitable<void> serve_connection(client<Stream>& c) {
-    auto& opt = c.st.opt;
-    for (bool first = true; !c.st.draining; first = false) {
+asio::awaitable<void> serve_connection(
+    state& st, [[maybe_unused]] std::shared_ptr<asio::ssl::context> tls_context, Stream stream,
+    client_registration reg, std::string peer) {
+    auto close_socket = [&stream] {
+        error_code e;
+        beast::get_lowest_layer(stream).close(e);
+    };
+    auto timers = std::make_shared<deadlines>(st.io.get_executor(), close_socket);
+    timers->start();
+    reg.entry().close = close_socket;
+    const auto& opt = st.opt;
+
+    if constexpr (std::is_same_v<Stream, tls_stream>) {
+        timers->arm(deadlines::read, opt.header_timeout);
+        auto [ec] = co_await stream.async_handshake(asio::ssl::stream_base::server,
+                                                    as_tuple(use_awaitable));
+        timers->disarm(deadlines::read);
+        if (ec) {
+            log::write_limited(log::level::warn, "client_handshake_failed",
+                               {{"conn", reg.conn()}, {"peer", peer}, {"error", ec.message()}});
+            ++st.stats.client_rejected_total;
+            timers->stop();
+            co_return;
+        }
+    }
+
+    client<Stream> c{st, stream, reg.conn(), reg.entry(), std::move(peer), timers, read_buffer(st)};
+    for (bool first = true; !st.draining; first = false) {
         c.entry.busy = false;
-        c.timers->arm(deadlines::read, first ? opt.header_timeout : opt.idle_timeout);
+        timers->arm(deadlines::read, first ? opt.header_timeout : opt.idle_timeout);
         auto [ec, n] = co_await c.read_header_block(opt.max_header_bytes);
-        c.timers->disarm(deadlines::read);
+        timers->disarm(deadlines::read);
         if (ec) {
             if (ec == asio::error::not_found) {
                 log::write_limited(
                     log::level::warn, "request_rejected",
                     {{"conn", c.conn}, {"peer", c.peer}, {"reason", "header too large"}});
                 co_await c.fail(431, "request header fields too large", true);
-            } else if (c.timers->expired()) {
+            } else if (timers->expired()) {
                 log::debug("client_timeout", {{"conn", c.conn}, {"peer", c.peer}});
             } else if (!ordinary_end(ec)) {
                 log::debug("client_read_failed", {{"conn", c.conn}, {"error", ec.message()}});
             }
-            co_return;
+            break;
         }
         std::string_view block(static_cast<const char*>(c.buffer.data().data()), n);
         if (block.find("\r\n ") != std::string_view::npos ||
@@ -712,7 +741,7 @@ asio::awaitable<void> serve_connection(client<Stream>& c) {
                 log::level::warn, "request_rejected",
                 {{"conn", c.conn}, {"peer", c.peer}, {"reason", "obsolete line folding"}});
             co_await c.fail(400, "obsolete line folding in request header", true);
-            co_return;
+            break;
         }
 
         bhttp::request_parser<bhttp::buffer_body> parser;
@@ -728,7 +757,7 @@ asio::awaitable<void> serve_connection(client<Stream>& c) {
                                {{"conn", c.conn}, {"peer", c.peer}, {"reason", pec.message()}});
             unsigned status = pec == bhttp::error::body_limit ? 413 : 400;
             co_await c.fail(status, "malformed request: " + pec.message(), true);
-            co_return;
+            break;
         }
         c.buffer.consume(used);
         if (c.buffer.size() == 0) {
@@ -738,64 +767,38 @@ asio::awaitable<void> serve_connection(client<Stream>& c) {
         }
         c.entry.busy = true;
         if (!co_await exchange(c, parser)) {
-            co_return;
+            break;
         }
+    }
+
+    if constexpr (std::is_same_v<Stream, tls_stream>) {
+        // close_notify, bounded by the write deadline, so the client can tell the end from a
+        // cut.
+        timers->arm(deadlines::write, std::chrono::seconds(2));
+        co_await stream.async_shutdown(as_tuple(use_awaitable));
+        timers->stop();
+        close_socket();
+    } else {
+        timers->stop();
+        error_code ignored;
+        stream.shutdown(tcp::socket::shutdown_both, ignored);
     }
 }
 
+// Starts serving an accepted client connection, with or without TLS. Not a coroutine itself, so
+// that the connection has one coroutine frame, not two.
 asio::awaitable<void> serve_client(state& st, tcp::socket socket, client_registration reg) {
-    auto conn = reg.conn();
     error_code ignored;
     socket.set_option(tcp::no_delay(true), ignored);
     auto peer = net::format_endpoint(socket.remote_endpoint(ignored));
-    log::debug("client_connected", {{"conn", conn}, {"peer", peer}});
-
+    log::debug("client_connected", {{"conn", reg.conn()}, {"peer", peer}});
     if (!st.client_tls) {
-        auto timers = std::make_shared<deadlines>(st.io.get_executor(), [&socket] {
-            error_code e;
-            socket.close(e);
-        });
-        timers->start();
-        reg.entry().close = [&socket] {
-            error_code e;
-            socket.close(e);
-        };
-        client<tcp::socket> c{st, socket, conn, reg.entry(), peer, timers, read_buffer(st)};
-        co_await serve_connection(c);
-        timers->stop();
-        socket.shutdown(tcp::socket::shutdown_both, ignored);
-        co_return;
+        return serve_connection(st, nullptr, std::move(socket), std::move(reg), std::move(peer));
     }
-
     auto tls_context = st.client_tls->current();  // kept alive for this connection
-    asio::ssl::stream<tcp::socket> stream(std::move(socket), *tls_context);
-    auto close_socket = [&stream] {
-        error_code e;
-        stream.lowest_layer().close(e);
-    };
-    auto timers = std::make_shared<deadlines>(st.io.get_executor(), close_socket);
-    timers->start();
-    reg.entry().close = close_socket;
-
-    timers->arm(deadlines::read, st.opt.header_timeout);
-    auto [ec] =
-        co_await stream.async_handshake(asio::ssl::stream_base::server, as_tuple(use_awaitable));
-    timers->disarm(deadlines::read);
-    if (ec) {
-        log::write_limited(log::level::warn, "client_handshake_failed",
-                           {{"conn", conn}, {"peer", peer}, {"error", ec.message()}});
-        ++st.stats.client_rejected_total;
-        timers->stop();
-        co_return;
-    }
-    client<asio::ssl::stream<tcp::socket>> c{st,   stream, conn,           reg.entry(),
-                                             peer, timers, read_buffer(st)};
-    co_await serve_connection(c);
-    // close_notify, bounded by the write deadline, so the client can tell the end from a cut.
-    timers->arm(deadlines::write, std::chrono::seconds(2));
-    co_await stream.async_shutdown(as_tuple(use_awaitable));
-    timers->stop();
-    close_socket();
+    tls_stream stream(std::move(socket), *tls_context);
+    return serve_connection(st, std::move(tls_context), std::move(stream), std::move(reg),
+                            std::move(peer));
 }
 
 // Passthrough: the connection's bytes, TLS records of the client's own session with the vault,
