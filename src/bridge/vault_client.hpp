@@ -59,7 +59,8 @@ public:
     std::uint64_t tunnels() const noexcept { return tunnels_; }
 
 private:
-    // Connects the stream's bytes to the vault address: CONNECT and passthrough.
+    // Connects the stream's bytes to the vault address: CONNECT and passthrough. Responds
+    // with 403 when the bridge does not allow byte tunnels.
     asio::awaitable<void> tunnel(std::shared_ptr<mux::stream> s);
     // Replays one HTTP request against the vault.
     asio::awaitable<void> forward(std::shared_ptr<mux::stream> s);

@@ -114,9 +114,9 @@ private:
     std::size_t bytes_ = 0;
 };
 
-// A client connection's entry in state::clients, where the drain on SIGTERM finds it. Held in
-// the connection's coroutine frame, so the entry goes whichever way the connection ends,
-// exceptions included; its close function points into that frame.
+// A client connection's entry in state::clients, where the drain on SIGTERM finds it. It lives
+// in the connection's coroutine frame, so the entry goes whichever way the connection ends,
+// exceptions included. The entry's close function points into that frame.
 class client_registration {
 public:
     client_registration(state& st, std::uint64_t conn)
@@ -682,22 +682,34 @@ asio::awaitable<bool> exchange(client<Stream>& c,
 
 using tls_stream = asio::ssl::stream<tcp::socket>;
 
+// What the coroutine of an accepted connection owns, passed as one parameter. Compilers
+// destroy separate coroutine parameters in different orders, but members always in reverse
+// order. So the registration, whose close function points to the stream, goes first, and the
+// TLS context (null without TLS) outlives the stream made with it.
+template <class Stream>
+struct connection_parts {
+    std::shared_ptr<asio::ssl::context> tls_context;
+    Stream stream;
+    client_registration reg;
+};
+
 // Serves one client connection: the TLS handshake when Stream is a TLS stream, then the
 // requests one after another until one of them ends the connection, then the close. Each
 // header block is checked for what Beast's parser would accept but a vault might read
 // differently (obsolete line folding). It is one coroutine for the whole connection, because
-// every frame counts when thousands of requests are held open at once. tls_context, null
-// without TLS, is the context that stream was made with, kept for as long as stream lives.
+// every frame counts when thousands of requests are held open at once.
 template <class Stream>
-asio::awaitable<void> serve_connection(
-    state& st, [[maybe_unused]] std::shared_ptr<asio::ssl::context> tls_context, Stream stream,
-    client_registration reg, std::string peer) {
+asio::awaitable<void> serve_connection(state& st, connection_parts<Stream> parts,
+                                       std::string peer) {
+    auto& stream = parts.stream;
+    auto& reg = parts.reg;
     auto close_socket = [&stream] {
         error_code e;
         beast::get_lowest_layer(stream).close(e);
     };
     auto timers = std::make_shared<deadlines>(st.io.get_executor(), close_socket);
     timers->start();
+    net::deadlines_guard stop_timers(*timers);
     reg.entry().close = close_socket;
     const auto& opt = st.opt;
 
@@ -793,27 +805,32 @@ asio::awaitable<void> serve_client(state& st, tcp::socket socket, client_registr
     auto peer = net::format_endpoint(socket.remote_endpoint(ignored));
     log::debug("client_connected", {{"conn", reg.conn()}, {"peer", peer}});
     if (!st.client_tls) {
-        return serve_connection(st, nullptr, std::move(socket), std::move(reg), std::move(peer));
+        return serve_connection(
+            st, connection_parts<tcp::socket>{nullptr, std::move(socket), std::move(reg)},
+            std::move(peer));
     }
-    auto tls_context = st.client_tls->current();  // kept alive for this connection
+    auto tls_context = st.client_tls->current();
     tls_stream stream(std::move(socket), *tls_context);
-    return serve_connection(st, std::move(tls_context), std::move(stream), std::move(reg),
-                            std::move(peer));
+    return serve_connection(
+        st, connection_parts<tls_stream>{std::move(tls_context), std::move(stream), std::move(reg)},
+        std::move(peer));
 }
 
 // Passthrough: the connection's bytes, TLS records of the client's own session with the vault,
 // go unread to the bridge as one tunnel stream.
-asio::awaitable<void> serve_passthrough(state& st, tcp::socket socket, client_registration reg) {
-    auto conn = reg.conn();
+asio::awaitable<void> serve_passthrough(state& st, connection_parts<tcp::socket> parts) {
+    auto& socket = parts.stream;
+    auto conn = parts.reg.conn();
     error_code ignored;
     socket.set_option(tcp::no_delay(true), ignored);
     auto close_socket = [&socket] {
         error_code e;
         socket.close(e);
     };
-    reg.entry().close = close_socket;
+    parts.reg.entry().close = close_socket;
     auto timers = std::make_shared<deadlines>(st.io.get_executor(), close_socket);
     timers->start();
+    net::deadlines_guard stop_timers(*timers);
 
     unsigned status = 0;
     auto s = co_await open_tunnel(st, conn, "passthrough", status);
@@ -855,14 +872,24 @@ asio::awaitable<void> accept_clients(state& st, tcp::acceptor& acceptor, client_
             continue;  // the socket closes as it goes out of scope
         }
         ++st.stats.client_connections_total;
-        client_registration reg(st, st.next_conn_id());
-        if (edge == client_edge::passthrough) {
-            net::spawn(st.io.get_executor(),
-                       serve_passthrough(st, std::move(socket), std::move(reg)),
-                       "client_connection");
-        } else {
-            net::spawn(st.io.get_executor(), serve_client(st, std::move(socket), std::move(reg)),
-                       "client_connection");
+        // Setting up a connection can throw (no memory for its frame or its TLS session); that
+        // loses the connection, never the listener.
+        try {
+            client_registration reg(st, st.next_conn_id());
+            if (edge == client_edge::passthrough) {
+                net::spawn(
+                    st.io.get_executor(),
+                    serve_passthrough(st, connection_parts<tcp::socket>{nullptr, std::move(socket),
+                                                                        std::move(reg)}),
+                    "client_connection");
+            } else {
+                net::spawn(st.io.get_executor(),
+                           serve_client(st, std::move(socket), std::move(reg)),
+                           "client_connection");
+            }
+        } catch (const std::exception& e) {
+            ++st.stats.client_rejected_total;
+            log::write_limited(log::level::error, "client_setup_failed", {{"error", e.what()}});
         }
     }
 }

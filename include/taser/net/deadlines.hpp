@@ -89,4 +89,17 @@ private:
     bool stopped_ = false;
 };
 
+// Stops a watchdog when the scope that owns what its on_expire touches ends, whichever way it
+// ends, exceptions included.
+class deadlines_guard {
+public:
+    explicit deadlines_guard(deadlines& d) noexcept : deadlines_(d) {}
+    deadlines_guard(const deadlines_guard&) = delete;
+    deadlines_guard& operator=(const deadlines_guard&) = delete;
+    ~deadlines_guard() { deadlines_.stop(); }
+
+private:
+    deadlines& deadlines_;
+};
+
 }  // namespace taser::net
