@@ -141,6 +141,11 @@ def test_static_binary_is_position_independent():
     assert "DYN (Position-Independent Executable file)" in header
 
 
+def test_static_binary_links_jemalloc():
+    # jemalloc's own messages begin with "<jemalloc>: "; glibc's allocator has no such text.
+    assert b"<jemalloc>: " in static_binary_path().read_bytes()
+
+
 def test_chroot_request_through_tunnel(rootfs, tmp_path, processes):
     standin_port = start_standin(processes, tmp_path)
 
