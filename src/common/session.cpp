@@ -234,8 +234,7 @@ asio::awaitable<error_code> stream::write(frame::bytes data, bool end_stream) {
 
 void stream::reset(errc code) {
     if (!error_ && !(fin_sent_ && remote_ended_)) {
-        session_->queue_control(frame::frame_type::rst_stream, 0, id_,
-                                frame::encode_u32(static_cast<std::uint32_t>(code)));
+        session_->queue_reset(id_, code);
     }
     drop_inbox();
     fail(make_error_code(code));
@@ -584,8 +583,7 @@ error_code session::on_headers(const frame::frame_header& h, frame::bytes payloa
         }
         last_stream_id_ = h.stream_id;
         if (goaway_sent_ || closing_) {
-            queue_control(frame::frame_type::rst_stream, 0, h.stream_id,
-                          frame::encode_u32(static_cast<std::uint32_t>(errc::refused_stream)));
+            queue_reset(h.stream_id, errc::refused_stream);
             return {};
         }
         if (streams_.size() >= options_.local.max_concurrent_streams) {
@@ -593,8 +591,7 @@ error_code session::on_headers(const frame::frame_header& h, frame::bytes payloa
                                {{"conn", conn_id_},
                                 {"stream", h.stream_id},
                                 {"reason", "max_concurrent_streams reached"}});
-            queue_control(frame::frame_type::rst_stream, 0, h.stream_id,
-                          frame::encode_u32(static_cast<std::uint32_t>(errc::refused_stream)));
+            queue_reset(h.stream_id, errc::refused_stream);
             return {};
         }
         if (request_head_bytes_ + h.length > options_.request_head_budget_bytes) {
@@ -603,8 +600,7 @@ error_code session::on_headers(const frame::frame_header& h, frame::bytes payloa
                                 {"stream", h.stream_id},
                                 {"reason", "request heads of open streams above their budget"},
                                 {"budget_bytes", options_.request_head_budget_bytes}});
-            queue_control(frame::frame_type::rst_stream, 0, h.stream_id,
-                          frame::encode_u32(static_cast<std::uint32_t>(errc::refused_stream)));
+            queue_reset(h.stream_id, errc::refused_stream);
             return {};
         }
         auto head = frame::decode_request_head(payload);
@@ -613,8 +609,7 @@ error_code session::on_headers(const frame::frame_header& h, frame::bytes payloa
                                        {"stream", h.stream_id},
                                        {"code", "protocol_error"},
                                        {"error", "malformed request head"}});
-            queue_control(frame::frame_type::rst_stream, 0, h.stream_id,
-                          frame::encode_u32(static_cast<std::uint32_t>(errc::protocol_error)));
+            queue_reset(h.stream_id, errc::protocol_error);
             return {};
         }
         auto s = std::make_shared<stream>(shared_from_this(), h.stream_id,
@@ -876,6 +871,11 @@ void session::stream_error(const std::shared_ptr<stream>& s, errc code, std::str
 }
 
 // --- writing ---------------------------------------------------------------------------------
+
+void session::queue_reset(std::uint32_t stream_id, errc code) {
+    queue_control(frame::frame_type::rst_stream, 0, stream_id,
+                  frame::encode_u32(static_cast<std::uint32_t>(code)));
+}
 
 void session::queue_control(frame::frame_type type, std::uint8_t flags, std::uint32_t stream_id,
                             frame::bytes payload) {

@@ -259,6 +259,8 @@ private:
 
     void queue_control(frame::frame_type type, std::uint8_t flags, std::uint32_t stream_id,
                        frame::bytes payload);
+    // Queues a RST_STREAM with the given code.
+    void queue_reset(std::uint32_t stream_id, errc code);
     void schedule(const std::shared_ptr<stream>& s);
     void forget(std::uint32_t stream_id);
     void return_connection_credit();
