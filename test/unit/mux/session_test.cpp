@@ -1346,6 +1346,26 @@ const std::string get_stream_1 = "00000a 01 01 00000001 0003 474554 0001 2f 0000
 const std::string post_stream_1 = "00000b 01 00 00000001 0004 504f5354 0001 2f 0000";
 const std::string ping_frame = "000008 05 00 00000000 0102030405060708";
 
+// Opens POST / on streams 1 and 3 towards a bridge session with options. Checks that the
+// session refuses stream 3 with REFUSED_STREAM and keeps stream 1.
+void check_second_stream_refused(const mux::session_options& options) {
+    wire_peer t(options);
+    raw_frame reset;
+
+    auto test = [&]() -> asio::awaitable<void> {
+        co_await t.send(join(peer_hello(frame::role::bridge), hex(post_stream_1),
+                             hex("00000b 01 00 00000003 0004 504f5354 0001 2f 0000")));
+        reset = co_await t.read_until(type_rst_stream);
+        co_await net::sleep(settle_time);
+    };
+    t.run(test());
+
+    CHECK(reset.stream_id == 3);
+    CHECK(reset.payload == hex("00000006"));  // refused_stream
+    CHECK(t.incoming.waiting() == 1);
+    CHECK(t.session->open_streams() == 1);
+}
+
 }  // namespace
 
 TEST_CASE("session rejects a frame before HELLO", "[mux][wire]") {
@@ -1619,42 +1639,14 @@ TEST_CASE("malformed request head resets the stream", "[mux][wire]") {
 TEST_CASE("bridge refuses streams above max_concurrent_streams", "[mux][wire]") {
     auto options = options_for(frame::role::bridge);
     options.local.max_concurrent_streams = 1;
-    wire_peer t(options);
-    raw_frame reset;
-
-    auto test = [&]() -> asio::awaitable<void> {
-        co_await t.send(join(peer_hello(frame::role::bridge), hex(post_stream_1),
-                             hex("00000b 01 00 00000003 0004 504f5354 0001 2f 0000")));
-        reset = co_await t.read_until(type_rst_stream);
-        co_await net::sleep(settle_time);
-    };
-    t.run(test());
-
-    CHECK(reset.stream_id == 3);
-    CHECK(reset.payload == hex("00000006"));  // refused_stream
-    CHECK(t.incoming.waiting() == 1);
-    CHECK(t.session->open_streams() == 1);
+    check_second_stream_refused(options);
 }
 
 TEST_CASE("bridge refuses request heads above their budget", "[mux][wire]") {
     auto options = options_for(frame::role::bridge);
-    // The heads below are 11 bytes each: the first fits, the second does not.
+    // Each POST head of the check is 11 bytes: the first fits, the second does not.
     options.request_head_budget_bytes = 20;
-    wire_peer t(options);
-    raw_frame reset;
-
-    auto test = [&]() -> asio::awaitable<void> {
-        co_await t.send(join(peer_hello(frame::role::bridge), hex(post_stream_1),
-                             hex("00000b 01 00 00000003 0004 504f5354 0001 2f 0000")));
-        reset = co_await t.read_until(type_rst_stream);
-        co_await net::sleep(settle_time);
-    };
-    t.run(test());
-
-    CHECK(reset.stream_id == 3);
-    CHECK(reset.payload == hex("00000006"));  // refused_stream
-    CHECK(t.incoming.waiting() == 1);
-    CHECK(t.session->open_streams() == 1);
+    check_second_stream_refused(options);
 }
 
 TEST_CASE("peer GOAWAY refuses streams above last_stream_id", "[mux][wire]") {
