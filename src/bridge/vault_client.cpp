@@ -184,8 +184,8 @@ asio::awaitable<exchange_result> exchange(Stream& sock, vault_connection& vc,
         co_return result;
     }
     result.request_sent = true;
-    // Neither is needed while the vault answers; thousands of held requests would each keep
-    // them.
+    // Neither is needed while the vault responds, and thousands of held requests would each
+    // keep them.
     std::exchange(head, {});
     std::exchange(fields, {});
 

@@ -872,10 +872,11 @@ asio::awaitable<void> accept_clients(state& st, tcp::acceptor& acceptor, client_
             continue;  // the socket closes as it goes out of scope
         }
         ++st.stats.client_connections_total;
-        // Setting up a connection can throw (no memory for its frame or its TLS session); that
-        // loses the connection, never the listener.
+        auto conn = st.next_conn_id();
+        // Setting up a connection can throw (no memory for its frame or its TLS session). Then
+        // only that connection is lost, not the listener.
         try {
-            client_registration reg(st, st.next_conn_id());
+            client_registration reg(st, conn);
             if (edge == client_edge::passthrough) {
                 net::spawn(
                     st.io.get_executor(),
@@ -889,7 +890,8 @@ asio::awaitable<void> accept_clients(state& st, tcp::acceptor& acceptor, client_
             }
         } catch (const std::exception& e) {
             ++st.stats.client_rejected_total;
-            log::write_limited(log::level::error, "client_setup_failed", {{"error", e.what()}});
+            log::write_limited(log::level::error, "client_setup_failed",
+                               {{"conn", conn}, {"error", e.what()}});
         }
     }
 }
